@@ -1,0 +1,1 @@
+"""Python client for esmc-serve (no torch needed)."""

@@ -1,0 +1,34 @@
+"""ESMC (ESM Cambrian) as a plain PyTorch library: tokenizer, model, weights, sampling."""
+
+from esmc.config import CONFIGS, ESMCConfig, get_config
+from esmc.model import ESMC, ESMCOutput
+from esmc.tokenizer import TokenizationError
+from esmc.types import (
+    ESMProtein,
+    ESMProteinTensor,
+    ForwardAndSampleOutput,
+    ForwardTrackData,
+    GenerationConfig,
+    LogitsConfig,
+    LogitsOutput,
+    SamplingConfig,
+    SamplingTrackConfig,
+)
+
+__all__ = [
+    "CONFIGS",
+    "ESMC",
+    "ESMCConfig",
+    "ESMCOutput",
+    "ESMProtein",
+    "ESMProteinTensor",
+    "ForwardAndSampleOutput",
+    "ForwardTrackData",
+    "GenerationConfig",
+    "LogitsConfig",
+    "LogitsOutput",
+    "SamplingConfig",
+    "SamplingTrackConfig",
+    "TokenizationError",
+    "get_config",
+]

@@ -1,0 +1,1 @@
+"""esmc-serve gRPC server: dynamic batching, continuous-batching generation, metrics."""
