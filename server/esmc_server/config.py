@@ -1,8 +1,26 @@
-"""Server settings: frozen dataclasses (the only module that will read ESMC_* variables)."""
+"""Server settings: frozen dataclasses, and the only module that reads ``ESMC_*`` variables.
+
+Every setting has one environment variable (``ESMC_`` + the upper-cased field name, e.g.
+``ESMC_MAX_BATCH_TOKENS``); keyword overrides (command-line flags) win over the environment,
+which wins over the defaults below.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+ENV_PREFIX = "ESMC_"
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,16 +31,100 @@ class BatchingConfig:
     max_queue: int = 4096  # waiting requests (logits + generations) before RESOURCE_EXHAUSTED
     packed: bool = True  # pack end to end (else length-sorted padded)
 
+    def __post_init__(self) -> None:
+        _check(self.max_batch_tokens >= 1, "max_batch_tokens must be >= 1")
+        _check(self.max_batch_size >= 1, "max_batch_size must be >= 1")
+        _check(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms must be >= 0")
+        _check(self.max_queue >= 1, "max_queue must be >= 1")
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     model: str = "esmc-tiny"
     host: str = "127.0.0.1"
     port: int = 50051
-    metrics_port: int | None = 9090
+    metrics_port: int | None = 9090  # None: no metrics endpoint
     device: str = "auto"
-    dtype: str | None = None
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
     batching: BatchingConfig = BatchingConfig()
     max_message_bytes: int = 512 * 1024 * 1024
     grace_s: float = 30.0
     warmup: bool = True
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port < 65536, f"port {self.port} is out of range")
+        if self.metrics_port is not None:
+            _check(0 <= self.metrics_port < 65536, f"metrics_port {self.metrics_port} is out of range")
+        _check(
+            self.device in DEVICES or self.device.startswith("cuda:"),
+            f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N",
+        )
+        _check(self.dtype is None or self.dtype in DTYPES, f"dtype {self.dtype!r} is not one of {DTYPES}")
+        _check(self.max_message_bytes >= 4 * 1024 * 1024, "max_message_bytes must be >= 4 MiB")
+        _check(self.grace_s >= 0, "grace_s must be >= 0")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> ServerConfig:
+        """Defaults, then ``ESMC_*`` variables, then ``overrides`` (``None`` values are skipped).
+
+        Overrides name fields of either :class:`ServerConfig` or :class:`BatchingConfig`.
+        """
+        server_fields = _fields(cls) - {"batching"}
+        batching_fields = _fields(BatchingConfig)
+        unknown = set(overrides) - server_fields - batching_fields
+        if unknown:
+            raise ValueError(f"unknown settings: {sorted(unknown)}")
+        values = {**_read_env(environ), **{k: v for k, v in overrides.items() if v is not None}}
+        batching = BatchingConfig(**{k: v for k, v in values.items() if k in batching_fields})
+        return cls(batching=batching, **{k: v for k, v in values.items() if k in server_fields})
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _parse_optional_port(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "off") else int(text)
+
+
+def _parse_optional_str(text: str) -> str | None:
+    return None if text.strip().lower() in ("", "none", "auto") else text.strip()
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "model": str.strip,
+    "host": str.strip,
+    "port": int,
+    "metrics_port": _parse_optional_port,
+    "device": str.strip,
+    "dtype": _parse_optional_str,
+    "max_message_bytes": int,
+    "grace_s": float,
+    "warmup": _parse_bool,
+    "max_batch_tokens": int,
+    "max_batch_size": int,
+    "max_wait_ms": float,
+    "max_queue": int,
+    "packed": _parse_bool,
+}
+
+
+def _read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for name, parse in _PARSERS.items():
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            try:
+                values[name] = parse(environ[key])
+            except ValueError as e:
+                raise ValueError(f"{key}={environ[key]!r}: {e}") from None
+    return values
