@@ -1,0 +1,314 @@
+"""Protobuf <-> esmc types and torch tensors; the one module that reads or builds wire messages.
+
+Readers validate what they read and raise :class:`InvalidRequest` with a message that names
+the field and the problem; builders take plain esmc outputs and the engine's ``Timing``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from esmc import tokenizer
+from esmc.inference import hidden_layer_indices
+from esmc.types import (
+    SCHEDULES,
+    STRATEGIES,
+    TRACKS,
+    GenerationConfig,
+    LogitsConfig,
+    LogitsOutput,
+    SamplingConfig,
+    SamplingTrackConfig,
+)
+from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_server.errors import InvalidRequest
+
+# wire dtype -> (torch dtype, little-endian numpy dtype of the raw bytes)
+WIRE_DTYPES: dict[int, tuple[torch.dtype, str]] = {
+    pb.DTYPE_FLOAT32: (torch.float32, "<f4"),
+    pb.DTYPE_FLOAT16: (torch.float16, "<f2"),
+    pb.DTYPE_BFLOAT16: (torch.bfloat16, "<u2"),  # the upper 16 bits of a float32
+    pb.DTYPE_INT32: (torch.int32, "<i4"),
+    pb.DTYPE_INT64: (torch.int64, "<i8"),
+}
+FLOAT_OUTPUTS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
+OTHER_TRACKS = tuple(t for t in TRACKS if t != "sequence")
+DEFAULT_NUM_STEPS = 20
+
+
+@contextlib.contextmanager
+def invalid_request(field: str) -> Iterator[None]:
+    """Turn a library ``ValueError`` (tokenizer, layer, config checks) into InvalidRequest."""
+    try:
+        yield
+    except ValueError as e:
+        raise InvalidRequest(f"{field}: {e}") from e
+
+
+# -- tensors -------------------------------------------------------------------------------
+
+
+def tensor_to_proto(tensor: torch.Tensor, dtype: int = pb.DTYPE_FLOAT32) -> pb.Tensor:
+    """Raw little-endian bytes of ``tensor`` cast to ``dtype`` (bf16 rounds to nearest even)."""
+    torch_dtype, wire = WIRE_DTYPES[dtype]
+    t = tensor.detach().to("cpu", torch_dtype).contiguous()
+    array = t.view(torch.int16).numpy().view(np.uint16) if dtype == pb.DTYPE_BFLOAT16 else t.numpy()
+    data = array.astype(wire, copy=False).tobytes()
+    return pb.Tensor(dtype=dtype, shape=list(t.shape), data=data)
+
+
+def tensor_from_proto(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
+    """The torch tensor a wire Tensor holds (a copy; bf16 comes back as torch.bfloat16)."""
+    if message.dtype not in WIRE_DTYPES:
+        raise InvalidRequest(f"{field}: unknown dtype {message.dtype}")
+    torch_dtype, wire = WIRE_DTYPES[message.dtype]
+    shape = tuple(message.shape)
+    if any(n < 0 for n in shape):
+        raise InvalidRequest(f"{field}: negative dimension in shape {list(shape)}")
+    count = math.prod(shape)
+    itemsize = np.dtype(wire).itemsize
+    if len(message.data) != count * itemsize:
+        raise InvalidRequest(
+            f"{field}: {len(message.data)} bytes do not hold shape {list(shape)} of "
+            f"{pb.DType.Name(message.dtype)} ({count * itemsize} bytes)"
+        )
+    array = np.frombuffer(message.data, dtype=wire).reshape(shape)
+    if message.dtype == pb.DTYPE_BFLOAT16:
+        return torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+
+
+def output_dtype(value: int, field: str = "output_dtype") -> int:
+    """The float wire dtype to answer in; unspecified means float32."""
+    if value == pb.DTYPE_UNSPECIFIED:
+        return pb.DTYPE_FLOAT32
+    if value not in FLOAT_OUTPUTS:
+        name = pb.DType.Name(value) if value in pb.DType.values() else str(value)
+        raise InvalidRequest(f"{field}: {name} is not an output dtype; use float32, float16 or bfloat16")
+    return value
+
+
+# -- inputs --------------------------------------------------------------------------------
+
+
+def tokens_from_request(request, max_length: int) -> torch.Tensor:
+    """``<cls> ids... <eos>`` (int64) from a request's ``protein`` or ``tokens`` oneof."""
+    which = request.WhichOneof("input")
+    if which == "protein":
+        return tokens_from_protein(request.protein, max_length)
+    if which == "tokens":
+        return tokens_from_tensor(request.tokens, max_length)
+    raise InvalidRequest("request has neither protein nor tokens; set one of them")
+
+
+def tokens_from_protein(protein: pb.ESMProtein, max_length: int | None) -> torch.Tensor:
+    if protein.secondary_structure or len(protein.sasa):
+        raise InvalidRequest(
+            "protein: ESMC models only the sequence track; secondary_structure and sasa must be empty"
+        )
+    with invalid_request("protein.sequence"):
+        return tokenizer.encode(protein.sequence, max_length=max_length)
+
+
+def tokens_from_tensor(tokens: pb.ESMProteinTensor, max_length: int | None) -> torch.Tensor:
+    extra = [name for name in ("structure", "secondary_structure", "sasa") if len(getattr(tokens, name))]
+    if tokens.HasField("function"):
+        extra.append("function")
+    if extra:
+        raise InvalidRequest(f"tokens: ESMC models only the sequence track; got {', '.join(extra)}")
+    ids = list(tokens.sequence)
+    with invalid_request("tokens.sequence"):
+        tokenizer.validate_ids(ids, max_length=max_length)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def protein_to_proto(tokens: torch.Tensor | Sequence[int]) -> pb.ESMProtein:
+    return pb.ESMProtein(sequence=tokenizer.decode(tokens))
+
+
+def protein_tensor_to_proto(tokens: torch.Tensor | Sequence[int]) -> pb.ESMProteinTensor:
+    values = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+    return pb.ESMProteinTensor(sequence=values)
+
+
+# -- logits and embeddings ----------------------------------------------------------------
+
+
+def logits_config_from_proto(message: pb.LogitsConfig, n_layers: int) -> tuple[LogitsConfig, list[int]]:
+    """The library config and the block indices of its hidden-state rows."""
+    for track in (*OTHER_TRACKS, "residue_annotations"):
+        if getattr(message, track):
+            raise InvalidRequest(
+                f"config.{track}: ESMC has no {track} head; it returns sequence logits, "
+                "embeddings and hidden states only"
+            )
+    has_layer = message.HasField("ith_hidden_layer")
+    wants_hidden = message.return_hidden_states or message.return_mean_hidden_states
+    if has_layer and not wants_hidden:
+        raise InvalidRequest(
+            "config.ith_hidden_layer is set but neither return_hidden_states nor "
+            "return_mean_hidden_states is"
+        )
+    config = LogitsConfig(
+        sequence=message.sequence,
+        return_embeddings=message.return_embeddings,
+        return_hidden_states=message.return_hidden_states,
+        ith_hidden_layer=message.ith_hidden_layer if has_layer else -1,
+        return_mean_embedding=message.return_mean_embedding,
+        return_mean_hidden_states=message.return_mean_hidden_states,
+    )
+    with invalid_request("config.ith_hidden_layer"):
+        layers = hidden_layer_indices(config, n_layers)
+    return config, layers
+
+
+def logits_response(
+    output: LogitsOutput, layers: Sequence[int], dtype: int, metadata: pb.ResponseMetadata
+) -> pb.LogitsResponse:
+    response = pb.LogitsResponse(metadata=metadata)
+    if output.logits is not None and output.logits.sequence is not None:
+        response.logits.sequence.CopyFrom(tensor_to_proto(output.logits.sequence, dtype))
+    for name in ("embeddings", "hidden_states", "mean_embedding", "mean_hidden_states"):
+        value = getattr(output, name)
+        if value is not None:
+            getattr(response, name).CopyFrom(tensor_to_proto(value, dtype))
+    if output.hidden_states is not None or output.mean_hidden_states is not None:
+        response.hidden_layers.extend(layers)
+    return response
+
+
+def embed_config_from_proto(request: pb.EmbedRequest, n_layers: int) -> LogitsConfig:
+    """Final embeddings (layer unset or -1) or one block's output, pooled or per position."""
+    if request.pooling not in (pb.POOLING_UNSPECIFIED, pb.POOLING_MEAN, pb.POOLING_NONE):
+        raise InvalidRequest(f"pooling: unknown value {request.pooling}; use POOLING_MEAN or POOLING_NONE")
+    pooled = request.pooling != pb.POOLING_NONE
+    layer = request.layer if request.HasField("layer") else -1
+    if layer == -1:
+        return LogitsConfig(return_mean_embedding=pooled, return_embeddings=not pooled)
+    config = LogitsConfig(
+        ith_hidden_layer=layer, return_mean_hidden_states=pooled, return_hidden_states=not pooled
+    )
+    with invalid_request("layer"):
+        hidden_layer_indices(config, n_layers)
+    return config
+
+
+def embedding_of(output: LogitsOutput, config: LogitsConfig) -> torch.Tensor:
+    """The one tensor an Embed response carries: (d) pooled or (L+2, d)."""
+    if config.return_mean_embedding:
+        return output.mean_embedding
+    if config.return_embeddings:
+        return output.embeddings
+    if config.return_mean_hidden_states:
+        return output.mean_hidden_states[0]
+    return output.hidden_states[0]
+
+
+# -- sampling and generation ----------------------------------------------------------------
+
+
+def _check_ids(ids: Sequence[int], field: str) -> list[int]:
+    for i in ids:
+        if not 0 <= i < tokenizer.EMBED_ROWS:
+            raise InvalidRequest(f"{field}: id {i} is out of range 0..{tokenizer.EMBED_ROWS - 1}")
+    return list(ids)
+
+
+def _check_temperature(value: float, field: str) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequest(f"{field}: {value} must be a finite number >= 0")
+    return value
+
+
+def _check_top_p(value: float, field: str) -> float:
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise InvalidRequest(f"{field}: {value} must be in (0, 1]")
+    return value
+
+
+def sampling_track_from_proto(message: pb.SamplingTrackConfig, field: str) -> SamplingTrackConfig:
+    if not 0 <= message.topk_logprobs <= tokenizer.EMBED_ROWS:
+        raise InvalidRequest(
+            f"{field}.topk_logprobs: {message.topk_logprobs} must be in 0..{tokenizer.EMBED_ROWS}"
+        )
+    return SamplingTrackConfig(
+        temperature=_check_temperature(
+            message.temperature if message.HasField("temperature") else 1.0, f"{field}.temperature"
+        ),
+        top_p=_check_top_p(message.top_p if message.HasField("top_p") else 1.0, f"{field}.top_p"),
+        only_sample_masked_tokens=(
+            message.only_sample_masked_tokens if message.HasField("only_sample_masked_tokens") else True
+        ),
+        invalid_ids=_check_ids(message.invalid_ids, f"{field}.invalid_ids"),
+        topk_logprobs=message.topk_logprobs,
+    )
+
+
+def sampling_config_from_proto(message: pb.SamplingConfig) -> SamplingConfig:
+    for track in OTHER_TRACKS:
+        if message.HasField(track):
+            raise InvalidRequest(
+                f"sampling_config.{track}: ESMC has no {track} track; only sequence can be sampled"
+            )
+    sequence = None
+    if message.HasField("sequence"):
+        sequence = sampling_track_from_proto(message.sequence, "sampling_config.sequence")
+    return SamplingConfig(
+        sequence=sequence,
+        return_per_residue_embeddings=message.return_per_residue_embeddings,
+        return_mean_embedding=message.return_mean_embedding,
+    )
+
+
+def generation_config_from_proto(message: pb.GenerationConfig) -> GenerationConfig:
+    """Defaults of the reference for unset fields; every value checked."""
+    track = message.track or "sequence"
+    if track != "sequence":
+        known = "ESMC models only the sequence track" if track in TRACKS else f"known tracks: {TRACKS}"
+        raise InvalidRequest(f"config.track: cannot generate {track!r}; {known}")
+    schedule = message.schedule or "cosine"
+    if schedule not in SCHEDULES:
+        raise InvalidRequest(f"config.schedule: unknown schedule {schedule!r}; use one of {SCHEDULES}")
+    strategy = message.strategy or "random"
+    if strategy not in STRATEGIES:
+        raise InvalidRequest(f"config.strategy: unknown strategy {strategy!r}; use one of {STRATEGIES}")
+    num_steps = message.num_steps if message.HasField("num_steps") else DEFAULT_NUM_STEPS
+    if num_steps < 1:
+        raise InvalidRequest(f"config.num_steps: {num_steps} must be >= 1")
+    return GenerationConfig(
+        track=track,
+        invalid_ids=_check_ids(message.invalid_ids, "config.invalid_ids"),
+        schedule=schedule,
+        strategy=strategy,
+        num_steps=num_steps,
+        temperature=_check_temperature(
+            message.temperature if message.HasField("temperature") else 1.0, "config.temperature"
+        ),
+        temperature_annealing=(
+            message.temperature_annealing if message.HasField("temperature_annealing") else True
+        ),
+        top_p=_check_top_p(message.top_p if message.HasField("top_p") else 1.0, "config.top_p"),
+    )
+
+
+def seed_of(request) -> int | None:
+    return request.seed if request.HasField("seed") else None
+
+
+# -- metadata -------------------------------------------------------------------------------
+
+
+def metadata_to_proto(timing) -> pb.ResponseMetadata:
+    """ResponseMetadata from the engine's ``Timing``."""
+    return pb.ResponseMetadata(
+        queue_ms=timing.queue_ms,
+        compute_ms=timing.compute_ms,
+        batch_size=timing.batch_size,
+        batch_tokens=timing.batch_tokens,
+        forwards=timing.forwards,
+    )
