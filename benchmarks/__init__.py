@@ -1,0 +1,1 @@
+"""Benchmark commands (run from the repository root: python -m benchmarks.<name>)."""
