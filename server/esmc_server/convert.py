@@ -13,9 +13,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from esmc import tokenizer
+from esmc import sampling, tokenizer
+from esmc.generation import GenerationStep
 from esmc.inference import hidden_layer_indices
 from esmc.types import (
+    ForwardAndSampleOutput,
     SCHEDULES,
     STRATEGIES,
     TRACKS,
@@ -212,41 +214,24 @@ def embedding_of(output: LogitsOutput, config: LogitsConfig) -> torch.Tensor:
 # -- sampling and generation ----------------------------------------------------------------
 
 
-def _check_ids(ids: Sequence[int], field: str) -> list[int]:
-    for i in ids:
-        if not 0 <= i < tokenizer.EMBED_ROWS:
-            raise InvalidRequest(f"{field}: id {i} is out of range 0..{tokenizer.EMBED_ROWS - 1}")
-    return list(ids)
-
-
-def _check_temperature(value: float, field: str) -> float:
-    if not math.isfinite(value) or value < 0:
-        raise InvalidRequest(f"{field}: {value} must be a finite number >= 0")
-    return value
-
-
-def _check_top_p(value: float, field: str) -> float:
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise InvalidRequest(f"{field}: {value} must be in (0, 1]")
-    return value
-
-
-def sampling_track_from_proto(message: pb.SamplingTrackConfig, field: str) -> SamplingTrackConfig:
-    if not 0 <= message.topk_logprobs <= tokenizer.EMBED_ROWS:
-        raise InvalidRequest(
-            f"{field}.topk_logprobs: {message.topk_logprobs} must be in 0..{tokenizer.EMBED_ROWS}"
-        )
+def sampling_track_from_proto(message: pb.SamplingTrackConfig) -> SamplingTrackConfig:
+    """Unset optional fields take the reference defaults."""
     return SamplingTrackConfig(
-        temperature=_check_temperature(
-            message.temperature if message.HasField("temperature") else 1.0, f"{field}.temperature"
-        ),
-        top_p=_check_top_p(message.top_p if message.HasField("top_p") else 1.0, f"{field}.top_p"),
+        temperature=message.temperature if message.HasField("temperature") else 1.0,
+        top_p=message.top_p if message.HasField("top_p") else 1.0,
         only_sample_masked_tokens=(
             message.only_sample_masked_tokens if message.HasField("only_sample_masked_tokens") else True
         ),
-        invalid_ids=_check_ids(message.invalid_ids, f"{field}.invalid_ids"),
+        invalid_ids=list(message.invalid_ids),
         topk_logprobs=message.topk_logprobs,
     )
+
+
+def sampling_config_from_request(request: pb.ForwardAndSampleRequest) -> SamplingConfig:
+    """The request's config; without one, sample the sequence track with the defaults."""
+    if not request.HasField("sampling_config"):
+        return SamplingConfig(sequence=SamplingTrackConfig())
+    return sampling_config_from_proto(request.sampling_config)
 
 
 def sampling_config_from_proto(message: pb.SamplingConfig) -> SamplingConfig:
@@ -255,44 +240,91 @@ def sampling_config_from_proto(message: pb.SamplingConfig) -> SamplingConfig:
             raise InvalidRequest(
                 f"sampling_config.{track}: ESMC has no {track} track; only sequence can be sampled"
             )
-    sequence = None
-    if message.HasField("sequence"):
-        sequence = sampling_track_from_proto(message.sequence, "sampling_config.sequence")
-    return SamplingConfig(
-        sequence=sequence,
+    config = SamplingConfig(
+        sequence=sampling_track_from_proto(message.sequence) if message.HasField("sequence") else None,
         return_per_residue_embeddings=message.return_per_residue_embeddings,
         return_mean_embedding=message.return_mean_embedding,
     )
+    with invalid_request("sampling_config"):
+        sampling.validate_sampling_config(config)
+    return config
 
 
 def generation_config_from_proto(message: pb.GenerationConfig) -> GenerationConfig:
-    """Defaults of the reference for unset fields; every value checked."""
-    track = message.track or "sequence"
-    if track != "sequence":
-        known = "ESMC models only the sequence track" if track in TRACKS else f"known tracks: {TRACKS}"
-        raise InvalidRequest(f"config.track: cannot generate {track!r}; {known}")
+    """Reference defaults for unset fields; checked by the library's own validation."""
+    with invalid_request("config.track"):
+        sampling.check_track(message.track)
     schedule = message.schedule or "cosine"
     if schedule not in SCHEDULES:
         raise InvalidRequest(f"config.schedule: unknown schedule {schedule!r}; use one of {SCHEDULES}")
     strategy = message.strategy or "random"
     if strategy not in STRATEGIES:
         raise InvalidRequest(f"config.strategy: unknown strategy {strategy!r}; use one of {STRATEGIES}")
-    num_steps = message.num_steps if message.HasField("num_steps") else DEFAULT_NUM_STEPS
-    if num_steps < 1:
-        raise InvalidRequest(f"config.num_steps: {num_steps} must be >= 1")
-    return GenerationConfig(
-        track=track,
-        invalid_ids=_check_ids(message.invalid_ids, "config.invalid_ids"),
+    config = GenerationConfig(
+        track=message.track,
+        invalid_ids=list(message.invalid_ids),
         schedule=schedule,
         strategy=strategy,
-        num_steps=num_steps,
-        temperature=_check_temperature(
-            message.temperature if message.HasField("temperature") else 1.0, "config.temperature"
-        ),
+        num_steps=message.num_steps if message.HasField("num_steps") else DEFAULT_NUM_STEPS,
+        temperature=message.temperature if message.HasField("temperature") else 1.0,
         temperature_annealing=(
             message.temperature_annealing if message.HasField("temperature_annealing") else True
         ),
-        top_p=_check_top_p(message.top_p if message.HasField("top_p") else 1.0, "config.top_p"),
+        top_p=message.top_p if message.HasField("top_p") else 1.0,
+    )
+    with invalid_request("config"):
+        sampling.validate_generation_config(config)
+    return config
+
+
+def forward_and_sample_response(
+    output: ForwardAndSampleOutput, dtype: int, metadata: pb.ResponseMetadata
+) -> pb.ForwardAndSampleResponse:
+    tokens = output.protein_tensor.sequence  # (L+2,)
+    response = pb.ForwardAndSampleResponse(
+        protein_tensor=protein_tensor_to_proto(tokens),
+        protein=protein_to_proto(tokens),
+        metadata=metadata,
+    )
+    for name in ("entropy", "prob", "logprob", "top_prob", "topk_logprob"):
+        track = getattr(output, name)
+        if track is not None and track.sequence is not None:
+            getattr(response, name).CopyFrom(tensor_to_proto(track.sequence, dtype))
+    if output.topk_tokens is not None and output.topk_tokens.sequence is not None:
+        response.topk_tokens.CopyFrom(tensor_to_proto(output.topk_tokens.sequence, pb.DTYPE_INT64))
+    for name in ("per_residue_embedding", "mean_embedding"):
+        value = getattr(output, name)
+        if value is not None:
+            getattr(response, name).CopyFrom(tensor_to_proto(value, dtype))
+    return response
+
+
+def generation_step_response(step: GenerationStep, metadata: pb.ResponseMetadata) -> pb.GenerateResponse:
+    """One step of a generation: what it filled, and the whole sequence after it."""
+    return pb.GenerateResponse(
+        step=step.step,
+        num_steps=step.num_steps,
+        positions=step.positions,
+        tokens=step.tokens,
+        probabilities=step.probabilities,
+        entropies=step.entropies,
+        temperature=step.temperature,
+        sequence=step.sequence,
+        metadata=metadata,
+    )
+
+
+def generation_final_response(step: GenerationStep, metadata: pb.ResponseMetadata) -> pb.GenerateResponse:
+    """The message after the last step: the finished protein, metadata over the whole stream."""
+    return pb.GenerateResponse(
+        step=step.step,
+        num_steps=step.num_steps,
+        temperature=step.temperature,
+        sequence=step.sequence,
+        final=True,
+        protein=protein_to_proto(step.sequence_tokens),
+        protein_tensor=protein_tensor_to_proto(step.sequence_tokens),
+        metadata=metadata,
     )
 
 

@@ -1,0 +1,143 @@
+"""Assemble the server: gRPC (ESMC, health, reflection), the engine, metrics; graceful stop.
+
+Order of start-up: the gRPC port opens first with health ``NOT_SERVING`` (so probes get an
+answer while the weights load), then the model is loaded off the event loop, the engine starts
+and warms up, and only then health turns ``SERVING``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from esmc.model import ESMC
+from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_server.config import ServerConfig
+from esmc_server.metrics import Metrics
+from esmc_server.servicer import SERVICE_NAME, ESMCServicer
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message size limits, the same on the server and on its clients."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def load_model(config: ServerConfig) -> ESMC:
+    """The model named by ``config.model`` (registry name, hub id or local path), in eval mode."""
+    device = None if config.device == "auto" else torch.device(config.device)
+    dtype = _DTYPES[config.dtype] if config.dtype else None
+    return ESMC.from_pretrained(config.model, device=device, dtype=dtype).eval()
+
+
+class Server:
+    """A running server: ``port``, ``metrics_port``, ``engine``; :meth:`stop` shuts it down."""
+
+    def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, health: HealthServicer,
+                 servicer: ESMCServicer, metrics: Metrics):
+        self.config = config
+        self.grpc_server = grpc_server
+        self.health = health
+        self.servicer = servicer
+        self.metrics = metrics
+        self.port: int = 0
+        self.metrics_port: int | None = None
+        self.engine = None
+        self.model: ESMC | None = None
+        self._stopping: asyncio.Task | None = None
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let calls in flight finish within ``grace_s``.
+
+        Safe to call more than once (later calls wait for the first).
+        """
+        if self._stopping is None:
+            grace = self.config.grace_s if grace_s is None else grace_s
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace_s)  # refuses new RPCs now, cancels the rest at grace
+        self.servicer.detach()
+        if self.engine is not None:
+            await self.engine.stop(max(0.0, deadline - time.monotonic()))
+        self.metrics.close()
+        log.info("server stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+async def create_server(
+    config: ServerConfig, engine=None, model: ESMC | None = None
+) -> tuple[Server, int]:
+    """Start serving ``config``; returns once health is SERVING, with the bound gRPC port.
+
+    Without ``engine`` one is built over ``model`` (loaded from ``config.model`` when None)
+    with this server's metrics as its observer. A given ``engine`` must expose ``.model`` or
+    come with ``model``. ``config.port`` 0 binds a free port.
+    """
+    metrics = Metrics()
+    grpc_server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+    health = HealthServicer()
+    servicer = ESMCServicer(config, metrics)
+    server = Server(config, grpc_server, health, servicer, metrics)
+    await server.set_serving(False)
+    pb_grpc.add_ESMCServicer_to_server(servicer, grpc_server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+    )
+    server.port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    if server.port == 0:
+        raise RuntimeError(f"cannot bind {config.host}:{config.port}")
+    await grpc_server.start()
+    try:
+        await _start_engine(server, config, engine, model)
+        if config.metrics_port is not None:
+            server.metrics_port = metrics.serve(config.host, config.metrics_port)
+    except BaseException:
+        await grpc_server.stop(0)
+        if server.engine is not None:
+            await server.engine.stop(0)
+        metrics.close()
+        raise
+    servicer.attach(server.engine, server.model)
+    await server.set_serving(True)
+    return server, server.port
+
+
+async def _start_engine(server: Server, config: ServerConfig, engine, model: ESMC | None) -> None:
+    from esmc_server.engine import Engine
+
+    if engine is None:
+        if model is None:
+            log.info("loading model %s", config.model)
+            model = await asyncio.to_thread(load_model, config)
+        engine = Engine(model, config.batching, observer=server.metrics)
+    server.model = model if model is not None else engine.model
+    server.engine = engine
+    await engine.start()
+    if config.warmup:
+        await engine.warmup()

@@ -1,0 +1,101 @@
+"""``esmc serve``: run the gRPC server until SIGTERM or SIGINT, then stop gracefully.
+
+Flags override the ``ESMC_*`` environment variables (read in :mod:`esmc_server.config`),
+which override the defaults. ``python -m esmc_server.cli`` runs the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from esmc_server.app import create_server
+from esmc_server.config import DEVICES, DTYPES, ServerConfig
+
+log = logging.getLogger("esmc_server")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The ``serve`` options; pass a (sub)parser to add them to it."""
+    p = parser or argparse.ArgumentParser(prog="esmc serve", description="Serve ESMC over gRPC.")
+    p.add_argument("--model", help="registry name (esmc-tiny), hub repo id or local weights path")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=_port_or_off, help="Prometheus port, or 'off'")
+    p.add_argument("--max-batch-tokens", type=int, help="token budget per forward")
+    p.add_argument("--max-batch-size", type=int, help="sequences per forward (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, help="wait bound from the oldest waiting request")
+    p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--device", help=f"{' | '.join(DEVICES)} | cuda:N")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--padded", action="store_const", const=True, help="length-sorted padded batches instead of packing")
+    p.add_argument("--max-message-bytes", type=int, help="gRPC message size limit, both directions")
+    p.add_argument("--grace-s", type=float, help="seconds calls in flight get to finish on SIGTERM")
+    p.add_argument("--no-warmup", action="store_const", const=True, help="skip the warm-up forward")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _port_or_off(text: str) -> int | str:
+    return "off" if text.lower() in ("off", "none") else int(text)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    overrides = {
+        "model": args.model,
+        "host": args.host,
+        "port": args.port,
+        "max_batch_tokens": args.max_batch_tokens,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "max_queue": args.max_queue,
+        "device": args.device,
+        "dtype": args.dtype,
+        "packed": None if args.padded is None else not args.padded,
+        "max_message_bytes": args.max_message_bytes,
+        "grace_s": args.grace_s,
+        "warmup": None if args.no_warmup is None else not args.no_warmup,
+    }
+    config = ServerConfig.from_env(**overrides)
+    if args.metrics_port is not None:  # "off" means None, which from_env reads as "not given"
+        port = None if args.metrics_port == "off" else args.metrics_port
+        config = dataclasses.replace(config, metrics_port=port)
+    return config
+
+
+async def serve(config: ServerConfig) -> None:
+    """Serve until SIGTERM/SIGINT; then NOT_SERVING, refuse new calls, finish those in flight."""
+    server, port = await create_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics = f", metrics on port {server.metrics_port}" if server.metrics_port is not None else ""
+    log.info("serving %s on %s:%d%s", config.model, config.host, port, metrics)
+    await stop.wait()
+    log.info("shutting down: calls in flight get %.1f s", config.grace_s)
+    await server.stop(config.grace_s)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        log.error("invalid settings: %s", e)
+        return 2
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

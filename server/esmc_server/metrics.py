@@ -1,0 +1,133 @@
+"""Prometheus metrics on their own registry and port; also the engine's observer.
+
+The engine calls the ``on_*`` methods (plain numbers, from its device thread: prometheus
+client objects are thread-safe); the servicer records each request's latency and status.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_MS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+_FRACTION_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Metrics:
+    """All service metrics, registered in a private :class:`CollectorRegistry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("esmc_queue_depth", "Requests waiting for a forward", registry=r)
+        self.active_generations = Gauge(
+            "esmc_active_generations", "Generations in progress", registry=r
+        )
+        self.batch_sequences = Histogram(
+            "esmc_batch_size_sequences", "Sequences per forward", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "esmc_batch_size_tokens",
+            "Tokens per forward (padded tokens when padding)",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.padding_efficiency = Histogram(
+            "esmc_batch_padding_efficiency",
+            "Real tokens / tokens computed, per forward",
+            buckets=_FRACTION_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "esmc_queue_time_seconds", "Arrival to the start of the serving forward", buckets=_MS_BUCKETS, registry=r
+        )
+        self.compute_time = Histogram(
+            "esmc_compute_time_seconds", "Duration of one forward", buckets=_MS_BUCKETS, registry=r
+        )
+        self.forwards = Counter("esmc_forwards", "Model forwards", registry=r)
+        self.sequences = Counter("esmc_sequences", "Sequences computed", registry=r)
+        self.tokens = Counter("esmc_tokens", "Tokens computed (padded tokens when padding)", registry=r)
+        self.real_tokens = Counter("esmc_real_tokens", "Tokens of real sequences computed", registry=r)
+        self.generation_steps = Counter(
+            "esmc_generation_steps", "Generation steps taken (rate() gives steps per second)", registry=r
+        )
+        self.steps_per_forward = Histogram(
+            "esmc_generation_steps_per_forward",
+            "Generation steps sharing one forward (forwards with at least one step)",
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "esmc_request_latency_seconds",
+            "Request latency by method (a stream: its whole duration)",
+            ["method"],
+            buckets=_MS_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "esmc_requests", "Requests answered, by method and status code", ["method", "code"], registry=r
+        )
+        self.errors = Counter("esmc_errors", "Errors answered, by method and status code", ["method", "code"], registry=r)
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    # -- EngineObserver --------------------------------------------------------------------
+
+    def on_batch(
+        self,
+        sequences: int,
+        tokens: int,
+        real_tokens: int,
+        queue_ms_list: Sequence[float],
+        compute_ms: float,
+        generation_steps: int,
+    ) -> None:
+        self.forwards.inc()
+        self.sequences.inc(sequences)
+        self.tokens.inc(tokens)
+        self.real_tokens.inc(real_tokens)
+        self.batch_sequences.observe(sequences)
+        self.batch_tokens.observe(tokens)
+        if tokens:
+            self.padding_efficiency.observe(real_tokens / tokens)
+        for queue_ms in queue_ms_list:
+            self.queue_time.observe(queue_ms / 1000)
+        self.compute_time.observe(compute_ms / 1000)
+        if generation_steps:
+            self.generation_steps.inc(generation_steps)
+            self.steps_per_forward.observe(generation_steps)
+
+    def on_queue_depth(self, n: int) -> None:
+        self.queue_depth.set(n)
+
+    def on_active_generations(self, n: int) -> None:
+        self.active_generations.set(n)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def on_request(self, method: str, code: str, seconds: float) -> None:
+        """One finished request (or one item of an Embed stream) and its status code name."""
+        self.requests.labels(method, code).inc()
+        if code != "OK":
+            self.errors.labels(method, code).inc()
+        self.request_latency.labels(method).observe(seconds)
+
+    # -- HTTP endpoint ---------------------------------------------------------------------
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose ``/metrics`` over HTTP in a background thread; returns the bound port."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = (server, thread)
+        return server.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self._http = None
