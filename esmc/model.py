@@ -18,7 +18,8 @@ from torch import nn
 
 from esmc.attention import PackedLayout, PaddedLayout, SequenceLayout
 from esmc.config import ESMCConfig
-from esmc.tokenizer import PAD_ID
+from esmc.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from esmc.types import ESMProteinTensor, ForwardTrackData, LogitsConfig, LogitsOutput
 
 ROTARY_BASE = 10000.0
 
@@ -131,6 +132,39 @@ class ESMC(nn.Module):
 
         return load_pretrained(name_or_path, **kwargs)
 
+    @torch.no_grad()
+    def logits(self, input: ESMProteinTensor, config: LogitsConfig | None = None) -> LogitsOutput:
+        """The reference's ``logits`` call: one padded forward over ``input.sequence``.
+
+        ``input.sequence``: (L,) token ids (a batch dimension is added) or a padded (B, L) batch.
+        Outputs keep the batch dimension as the reference's do: logits (B, L, 64), embeddings
+        (B, L, d), hidden states (layers, B, L, d) in the model's compute dtype (bf16 autocast on
+        CUDA). Means are over residues only (BOS, EOS and padding excluded), float32:
+        mean_embedding (B, d), mean_hidden_states (layers, B, d).
+        """
+        from esmc.inference import autocast_for, hidden_layer_indices
+
+        config = LogitsConfig() if config is None else config
+        if input.sequence is None:
+            raise ValueError("ESMC.logits needs input.sequence (token ids)")
+        tokens = input.sequence.to(self.device)
+        tokens = tokens.unsqueeze(0) if tokens.ndim == 1 else tokens  # (B, L)
+        layers = hidden_layer_indices(config, self.config.n_layers)
+        with autocast_for(self):
+            out = self(tokens, hidden_layers=layers)
+        residues = residue_mask(tokens)  # (B, L)
+        return LogitsOutput(
+            logits=ForwardTrackData(sequence=out.sequence_logits if config.sequence else None),
+            embeddings=out.embeddings if config.return_embeddings else None,
+            hidden_states=out.hidden_states if config.return_hidden_states else None,
+            mean_embedding=(
+                masked_mean(out.embeddings, residues) if config.return_mean_embedding else None
+            ),
+            mean_hidden_states=(
+                masked_mean(out.hidden_states, residues) if config.return_mean_hidden_states else None
+            ),
+        )
+
     # -- forwards ---------------------------------------------------------------------------
 
     def forward(
@@ -188,3 +222,14 @@ class ESMC(nn.Module):
 
 def _autocasting(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+
+
+def residue_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) True at residue positions: not BOS, EOS or padding."""
+    return (tokens != BOS_ID) & (tokens != EOS_ID) & (tokens != PAD_ID)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x (..., B, L, d) over the positions where mask (B, L) is True: (..., B, d), fp32."""
+    weights = mask.to(torch.float32).unsqueeze(-1)  # (B, L, 1)
+    return (x.float() * weights).sum(-2) / weights.sum(-2).clamp(min=1)

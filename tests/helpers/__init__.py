@@ -1,0 +1,1 @@
+"""Test helpers: tiny random models, reference builders, checkpoint writers for each layout."""
