@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from types import SimpleNamespace
 
+import attrs
 import torch
 
 from esmc.tokenizer import EMBED_ROWS, SPECIAL_IDS, VOCAB_SIZE
@@ -212,6 +214,8 @@ def check_top_p(top_p: float, field: str = "top_p") -> None:
 
 
 def check_invalid_ids(invalid_ids: Sequence[int], field: str = "invalid_ids") -> None:
+    if isinstance(invalid_ids, (str, bytes)) or not isinstance(invalid_ids, Iterable):
+        raise SamplingConfigError(f"{field} must be a list of integers, got {invalid_ids!r}")
     for token_id in invalid_ids:
         if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
             raise SamplingConfigError(f"{field} must hold integers, got {token_id!r}")
@@ -240,6 +244,22 @@ def validate_generation_config(config: GenerationConfig) -> None:
     check_temperature(config.temperature)
     check_top_p(config.top_p)
     check_invalid_ids(config.invalid_ids)
+
+
+def generation_config(**fields) -> GenerationConfig:
+    """A :class:`GenerationConfig` from field values, checked with this module's messages.
+
+    Use it to build configs from untrusted input: the attrs class itself would reject an
+    unknown schedule or strategy with a less helpful message.
+    """
+    known = {f.name for f in attrs.fields(GenerationConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise SamplingConfigError(f"unknown GenerationConfig field(s): {', '.join(unknown)}")
+    defaults = GenerationConfig()
+    checked = SimpleNamespace(**{name: fields.get(name, getattr(defaults, name)) for name in known})
+    validate_generation_config(checked)
+    return GenerationConfig(**fields)
 
 
 def validate_track_config(config: SamplingTrackConfig, track: str = "sequence") -> None:
