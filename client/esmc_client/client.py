@@ -1,0 +1,579 @@
+"""``ESMCClient`` (blocking) and ``AsyncESMCClient`` (asyncio) for the esmc.v1 service.
+
+Both are context managers and share request building (:mod:`esmc_client.requests`),
+response parsing (:mod:`esmc_client.responses`), channel options
+(:mod:`esmc_client.channel`) and bulk-embed bookkeeping (:mod:`esmc_client.bulk`).
+Failed calls raise :class:`ESMCError` whose ``code`` is the gRPC status name; bulk
+``embed`` instead reports each sequence's error in its :class:`EmbedResult`. ``timeout``
+arguments are per-call deadlines in seconds (``None``: no deadline).
+
+    with ESMCClient("127.0.0.1:50051") as client:
+        out = client.logits("MKTLLV", LogitsConfig(sequence=True, return_embeddings=True))
+        out.logits.sequence.shape  # (8, 64)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from esmc_client import requests as rq
+from esmc_client import responses as rs
+from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_client.bulk import EmbedChunk, make_chunks
+from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, RetryPolicy, channel_options
+from esmc_client.requests import ProteinLike
+from esmc_client.types import (
+    EmbedResult,
+    ESMCError,
+    ESMProtein,
+    ForwardAndSampleOutput,
+    GenerateStep,
+    LogitsOutput,
+    ServerInfo,
+)
+
+_POLL_S = 0.05  # how often a blocked Embed request iterator checks that its stream is still open
+
+
+class _ClientBase:
+    """Channel settings common to both clients."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_message_bytes: int,
+        retry: RetryPolicy | None,
+        credentials: grpc.ChannelCredentials | None,
+        wait_for_ready: bool,
+        options: Sequence[tuple[str, Any]],
+    ):
+        self.target = target
+        self.retry = retry if retry is not None else RetryPolicy()
+        self._credentials = credentials
+        self._wait_for_ready = wait_for_ready
+        self._options = channel_options(max_message_bytes, self.retry, tuple(options))
+
+    def _kwargs(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": timeout, "wait_for_ready": self._wait_for_ready}
+
+
+class ESMCClient(_ClientBase):
+    """Blocking client.
+
+    Args:
+        target: ``host:port``, or e.g. ``dns:///esmc.internal:50051`` to balance over every
+            address the name resolves to (round robin).
+        max_message_bytes: send and receive limit (the server's default: 512 MiB).
+        retry: backoff for ``UNAVAILABLE``/``RESOURCE_EXHAUSTED`` (``RetryPolicy(max_retries=0)``
+            turns retries off).
+        credentials: TLS channel credentials; ``None`` for a plaintext channel.
+        wait_for_ready: calls wait for the server to come up instead of failing at once.
+        options: extra gRPC channel arguments.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry: RetryPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        wait_for_ready: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
+    ):
+        super().__init__(
+            target,
+            max_message_bytes=max_message_bytes,
+            retry=retry,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            options=options,
+        )
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=self._options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=self._options)
+        self._stub = pb_grpc.ESMCStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ESMCClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _unary(self, method, request, timeout: float | None):
+        try:
+            return method(request, **self._kwargs(timeout))
+        except grpc.RpcError as error:
+            raise rs.rpc_error(error) from error
+
+    # --- unary calls ----------------------------------------------------------------------
+
+    def info(self, *, timeout: float | None = None) -> ServerInfo:
+        return rs.parse_info(self._unary(self._stub.Info, pb.InfoRequest(), timeout))
+
+    def encode(self, protein: ProteinLike, *, timeout: float | None = None):
+        """Sequence -> token ids (``<cls> ... <eos>``), an int64 array."""
+        request = pb.EncodeRequest(protein=pb.ESMProtein(sequence=_sequence_text(protein)))
+        return rs.parse_encode(self._unary(self._stub.Encode, request, timeout))
+
+    def decode(self, tokens, *, timeout: float | None = None) -> ESMProtein:
+        """Token ids -> protein (mask written as ``_``)."""
+        request = pb.DecodeRequest(tokens=rq.token_message(tokens))
+        return rs.parse_decode(self._unary(self._stub.Decode, request, timeout))
+
+    def logits(
+        self,
+        protein: ProteinLike,
+        config: Any = None,
+        *,
+        output_dtype: str = "float32",
+        timeout: float | None = None,
+    ) -> LogitsOutput:
+        """One protein's outputs; ``config`` a :class:`LogitsConfig` (None: logits only)."""
+        request = rq.logits_request(protein, config, output_dtype)
+        return rs.parse_logits(self._unary(self._stub.Logits, request, timeout))
+
+    def forward_and_sample(
+        self,
+        protein: ProteinLike,
+        sampling_config: Any = None,
+        *,
+        seed: int | None = None,
+        output_dtype: str = "float32",
+        timeout: float | None = None,
+    ) -> ForwardAndSampleOutput:
+        request = rq.forward_and_sample_request(protein, sampling_config, seed, output_dtype)
+        return rs.parse_forward_and_sample(
+            self._unary(self._stub.ForwardAndSample, request, timeout)
+        )
+
+    # --- generation -----------------------------------------------------------------------
+
+    def generate_stream(
+        self,
+        protein: ProteinLike,
+        config: Any = None,
+        seed: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[GenerateStep]:
+        """Yield each step, then the final message; closing the iterator cancels the call.
+
+        ``timeout`` is a deadline for the whole stream.
+        """
+        request = rq.generate_request(protein, config, seed)
+        call = self._stub.Generate(request, **self._kwargs(timeout))
+        try:
+            for message in call:
+                yield rs.parse_generate(message)
+        except grpc.RpcError as error:
+            raise rs.rpc_error(error) from error
+        finally:
+            call.cancel()
+
+    def generate(
+        self,
+        protein: ProteinLike,
+        config: Any = None,
+        seed: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> ESMProtein:
+        """The finished protein of an iterative generation."""
+        return _final_protein(self.generate_stream(protein, config, seed, timeout=timeout))
+
+    def batch_generate(
+        self,
+        proteins: Sequence[ProteinLike],
+        config: Any = None,
+        seeds: Sequence[int | None] | None = None,
+        *,
+        concurrency: int = 16,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[ESMProtein | ESMCError]:
+        """Generate from many prompts at once (the server batches their steps together).
+
+        ``config`` is one config for all or one per protein. With ``return_exceptions`` a
+        failed prompt's entry is its :class:`ESMCError`; otherwise the first error is raised.
+        """
+        jobs = _generation_jobs(proteins, config, seeds)
+
+        def run(job):
+            try:
+                return self.generate(*job, timeout=timeout)
+            except ESMCError as error:
+                if return_exceptions:
+                    return error
+                raise
+
+        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(jobs) or 1))) as pool:
+            return list(pool.map(run, jobs))
+
+    # --- bulk embedding -------------------------------------------------------------------
+
+    def embed(
+        self,
+        sequences: Iterable[ProteinLike] | Mapping[str, ProteinLike],
+        layer: int | None = -1,
+        pool: str | None = "mean",
+        *,
+        output_dtype: str = "float32",
+        batch_size: int = 256,
+        concurrency: int = 4,
+        max_in_flight: int = 64,
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> list[EmbedResult]:
+        """Embed many proteins over ``Embed`` streams; one result per input, in input order.
+
+        Args:
+            sequences: proteins, ``(id, protein)`` pairs, or a mapping id -> protein; bare
+                proteins get their position (``"0"``, ``"1"``, ...) as id.
+            layer: -1 (or None) final embeddings, 0..n-1 a block's output, -2.. from the end.
+            pool: ``"mean"`` over residues (d), or ``"none"`` per position (L+2, d).
+            batch_size: sequences per stream; ``concurrency``: streams at once;
+                ``max_in_flight``: requests sent ahead of their answers on one stream.
+            progress: show a tqdm progress bar.
+            timeout: deadline of each stream.
+
+        A sequence's own error (``INVALID_ARGUMENT``...) is reported in its result; on
+        ``UNAVAILABLE``/``RESOURCE_EXHAUSTED`` it is retried with backoff (``self.retry``).
+        """
+        items = rq.embed_items(sequences)
+        chunks = make_chunks(
+            items, batch_size, self.retry, layer=layer, pool=pool, output_dtype=output_dtype
+        )
+        results: list[EmbedResult | None] = [None] * len(items)
+        lock = threading.Lock()
+        with _progress_bar(len(items), progress) as bar:
+
+            def record(done: list[tuple[int, EmbedResult]]) -> None:
+                with lock:
+                    for index, result in done:
+                        results[index] = result
+                    bar.update(len(done))
+
+            def run(chunk: EmbedChunk) -> None:
+                self._run_chunk(chunk, record, max_in_flight, timeout)
+
+            with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(chunks) or 1))) as ex:
+                for future in [ex.submit(run, chunk) for chunk in chunks]:
+                    future.result()
+        return results  # type: ignore[return-value]
+
+    def _run_chunk(self, chunk: EmbedChunk, record, max_in_flight: int, timeout) -> None:
+        while requests := chunk.to_send():
+            error = None
+            try:
+                for message in self._embed_stream(requests, max_in_flight, timeout):
+                    if (done := chunk.on_response(message)) is not None:
+                        record([done])
+            except grpc.RpcError as rpc:
+                error = rs.rpc_error(rpc)
+            record(chunk.on_stream_end(error))
+            delay = chunk.retry_delay()
+            if delay is None:
+                return
+            time.sleep(delay)
+
+    def _embed_stream(self, requests, max_in_flight: int, timeout) -> Iterator[pb.EmbedResponse]:
+        """One Embed stream, at most ``max_in_flight`` requests ahead of their responses."""
+        window = threading.Semaphore(max(1, max_in_flight))
+        closed = threading.Event()
+
+        def send():
+            for request in requests:
+                while not window.acquire(timeout=_POLL_S):
+                    if closed.is_set():
+                        return
+                yield request
+
+        call = self._stub.Embed(send(), **self._kwargs(timeout))
+        try:
+            for message in call:
+                window.release()
+                yield message
+        finally:
+            closed.set()
+            call.cancel()
+
+
+class AsyncESMCClient(_ClientBase):
+    """asyncio client (``grpc.aio``), same arguments and methods as :class:`ESMCClient`.
+
+    Create it inside the event loop that uses it.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry: RetryPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        wait_for_ready: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
+    ):
+        super().__init__(
+            target,
+            max_message_bytes=max_message_bytes,
+            retry=retry,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            options=options,
+        )
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=self._options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=self._options)
+        self._stub = pb_grpc.ESMCStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncESMCClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _unary(self, method, request, timeout: float | None):
+        try:
+            return await method(request, **self._kwargs(timeout))
+        except grpc.aio.AioRpcError as error:
+            raise rs.rpc_error(error) from error
+
+    # --- unary calls ----------------------------------------------------------------------
+
+    async def info(self, *, timeout: float | None = None) -> ServerInfo:
+        return rs.parse_info(await self._unary(self._stub.Info, pb.InfoRequest(), timeout))
+
+    async def encode(self, protein: ProteinLike, *, timeout: float | None = None):
+        request = pb.EncodeRequest(protein=pb.ESMProtein(sequence=_sequence_text(protein)))
+        return rs.parse_encode(await self._unary(self._stub.Encode, request, timeout))
+
+    async def decode(self, tokens, *, timeout: float | None = None) -> ESMProtein:
+        request = pb.DecodeRequest(tokens=rq.token_message(tokens))
+        return rs.parse_decode(await self._unary(self._stub.Decode, request, timeout))
+
+    async def logits(
+        self,
+        protein: ProteinLike,
+        config: Any = None,
+        *,
+        output_dtype: str = "float32",
+        timeout: float | None = None,
+    ) -> LogitsOutput:
+        request = rq.logits_request(protein, config, output_dtype)
+        return rs.parse_logits(await self._unary(self._stub.Logits, request, timeout))
+
+    async def forward_and_sample(
+        self,
+        protein: ProteinLike,
+        sampling_config: Any = None,
+        *,
+        seed: int | None = None,
+        output_dtype: str = "float32",
+        timeout: float | None = None,
+    ) -> ForwardAndSampleOutput:
+        request = rq.forward_and_sample_request(protein, sampling_config, seed, output_dtype)
+        return rs.parse_forward_and_sample(
+            await self._unary(self._stub.ForwardAndSample, request, timeout)
+        )
+
+    # --- generation -----------------------------------------------------------------------
+
+    async def generate_stream(
+        self,
+        protein: ProteinLike,
+        config: Any = None,
+        seed: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[GenerateStep]:
+        """Yield each step, then the final message; closing the iterator cancels the call."""
+        request = rq.generate_request(protein, config, seed)
+        call = self._stub.Generate(request, **self._kwargs(timeout))
+        try:
+            async for message in call:
+                yield rs.parse_generate(message)
+        except grpc.aio.AioRpcError as error:
+            raise rs.rpc_error(error) from error
+        finally:
+            call.cancel()
+
+    async def generate(
+        self,
+        protein: ProteinLike,
+        config: Any = None,
+        seed: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> ESMProtein:
+        final = None
+        async for step in self.generate_stream(protein, config, seed, timeout=timeout):
+            final = step if step.final else final
+        return _check_final(final)
+
+    async def batch_generate(
+        self,
+        proteins: Sequence[ProteinLike],
+        config: Any = None,
+        seeds: Sequence[int | None] | None = None,
+        *,
+        concurrency: int = 16,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[ESMProtein | ESMCError]:
+        gate = asyncio.Semaphore(max(1, concurrency))
+
+        async def run(job):
+            async with gate:
+                try:
+                    return await self.generate(*job, timeout=timeout)
+                except ESMCError as error:
+                    if return_exceptions:
+                        return error
+                    raise
+
+        jobs = _generation_jobs(proteins, config, seeds)
+        return list(await asyncio.gather(*(run(job) for job in jobs)))
+
+    # --- bulk embedding -------------------------------------------------------------------
+
+    async def embed(
+        self,
+        sequences: Iterable[ProteinLike] | Mapping[str, ProteinLike],
+        layer: int | None = -1,
+        pool: str | None = "mean",
+        *,
+        output_dtype: str = "float32",
+        batch_size: int = 256,
+        concurrency: int = 4,
+        max_in_flight: int = 64,
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> list[EmbedResult]:
+        """See :meth:`ESMCClient.embed`."""
+        items = rq.embed_items(sequences)
+        chunks = make_chunks(
+            items, batch_size, self.retry, layer=layer, pool=pool, output_dtype=output_dtype
+        )
+        results: list[EmbedResult | None] = [None] * len(items)
+        gate = asyncio.Semaphore(max(1, concurrency))
+        with _progress_bar(len(items), progress) as bar:
+
+            def record(done: list[tuple[int, EmbedResult]]) -> None:
+                for index, result in done:
+                    results[index] = result
+                bar.update(len(done))
+
+            async def run(chunk: EmbedChunk) -> None:
+                async with gate:
+                    await self._run_chunk(chunk, record, max_in_flight, timeout)
+
+            await asyncio.gather(*(run(chunk) for chunk in chunks))
+        return results  # type: ignore[return-value]
+
+    async def _run_chunk(self, chunk: EmbedChunk, record, max_in_flight: int, timeout) -> None:
+        while requests := chunk.to_send():
+            error = None
+            try:
+                async for message in self._embed_stream(requests, max_in_flight, timeout):
+                    if (done := chunk.on_response(message)) is not None:
+                        record([done])
+            except grpc.aio.AioRpcError as rpc:
+                error = rs.rpc_error(rpc)
+            record(chunk.on_stream_end(error))
+            delay = chunk.retry_delay()
+            if delay is None:
+                return
+            await asyncio.sleep(delay)
+
+    async def _embed_stream(
+        self, requests, max_in_flight: int, timeout
+    ) -> AsyncIterator[pb.EmbedResponse]:
+        window = asyncio.Semaphore(max(1, max_in_flight))
+
+        async def send():
+            for request in requests:
+                await window.acquire()
+                yield request
+
+        call = self._stub.Embed(send(), **self._kwargs(timeout))
+        try:
+            async for message in call:
+                window.release()
+                yield message
+        finally:
+            call.cancel()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _sequence_text(protein: ProteinLike) -> str:
+    sequence = getattr(protein, "sequence", protein)
+    if not isinstance(sequence, str):
+        raise ValueError("encode takes a protein sequence string")
+    return sequence
+
+
+def _final_protein(steps: Iterator[GenerateStep]) -> ESMProtein:
+    final = None
+    for step in steps:
+        final = step if step.final else final
+    return _check_final(final)
+
+
+def _check_final(final: GenerateStep | None) -> ESMProtein:
+    if final is None or final.protein is None:
+        raise ESMCError("DATA_LOSS", "the Generate stream ended without a final message")
+    return final.protein
+
+
+def _generation_jobs(proteins, config, seeds) -> list[tuple[ProteinLike, Any, int | None]]:
+    """``(protein, config, seed)`` per prompt; ``config`` one for all or one per prompt."""
+    proteins = list(proteins)
+    configs = list(config) if isinstance(config, (list, tuple)) else [config] * len(proteins)
+    seeds = list(seeds) if seeds is not None else [None] * len(proteins)
+    if not len(configs) == len(seeds) == len(proteins):
+        raise ValueError(
+            f"{len(proteins)} proteins need as many configs and seeds "
+            f"(got {len(configs)} configs, {len(seeds)} seeds)"
+        )
+    return list(zip(proteins, configs, seeds))
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="seq", desc="embed")

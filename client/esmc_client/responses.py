@@ -1,0 +1,142 @@
+"""Parsing response messages into the dataclasses of :mod:`esmc_client.types`.
+
+Shared by the sync and async clients. Tensors become read-only numpy views of the
+message bytes (bfloat16 widened to float32); absent tensors become ``None``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_client.tensors import to_numpy
+from esmc_client.types import (
+    BatchingLimits,
+    EmbedResult,
+    ESMCError,
+    ESMProtein,
+    ForwardAndSampleOutput,
+    ForwardTrackData,
+    GenerateStep,
+    LogitsOutput,
+    ResponseMetadata,
+    ServerInfo,
+)
+
+
+def optional_tensor(message, field: str) -> np.ndarray | None:
+    """``message.field`` as an array, or None when the field is unset."""
+    return to_numpy(getattr(message, field)) if message.HasField(field) else None
+
+
+def parse_metadata(message: pb.ResponseMetadata) -> ResponseMetadata:
+    return ResponseMetadata(
+        queue_ms=message.queue_ms,
+        compute_ms=message.compute_ms,
+        batch_size=message.batch_size,
+        batch_tokens=message.batch_tokens,
+        forwards=message.forwards,
+    )
+
+
+def parse_info(message: pb.InfoResponse) -> ServerInfo:
+    b = message.batching
+    return ServerInfo(
+        model_name=message.model_name,
+        d_model=message.d_model,
+        n_heads=message.n_heads,
+        n_layers=message.n_layers,
+        vocabulary=tuple(message.vocabulary),
+        max_length=message.max_length,
+        dtype=message.dtype,
+        device=message.device,
+        batching=BatchingLimits(
+            max_batch_tokens=b.max_batch_tokens,
+            max_batch_size=b.max_batch_size,
+            max_wait_ms=b.max_wait_ms,
+            max_queue=b.max_queue,
+            packed=b.packed,
+        ),
+        max_message_bytes=message.max_message_bytes,
+        server_version=message.server_version,
+        logits_width=message.logits_width,
+    )
+
+
+def token_ids(message: pb.ESMProteinTensor) -> np.ndarray:
+    """The sequence track's token ids as int64 (a small copy: repeated ints, not bytes)."""
+    return np.array(message.sequence, dtype=np.int64)
+
+
+def parse_encode(message: pb.EncodeResponse) -> np.ndarray:
+    return token_ids(message.tokens)
+
+
+def parse_decode(message: pb.DecodeResponse) -> ESMProtein:
+    return ESMProtein(sequence=message.protein.sequence)
+
+
+def parse_logits(message: pb.LogitsResponse) -> LogitsOutput:
+    return LogitsOutput(
+        logits=ForwardTrackData(sequence=optional_tensor(message.logits, "sequence")),
+        embeddings=optional_tensor(message, "embeddings"),
+        hidden_states=optional_tensor(message, "hidden_states"),
+        mean_embedding=optional_tensor(message, "mean_embedding"),
+        mean_hidden_states=optional_tensor(message, "mean_hidden_states"),
+        hidden_layers=tuple(message.hidden_layers),
+        metadata=parse_metadata(message.metadata),
+    )
+
+
+def parse_embed(message: pb.EmbedResponse, request_id: str, attempts: int = 1) -> EmbedResult:
+    """``request_id`` replaces the wire id (the client numbers requests itself)."""
+    error = None
+    if message.HasField("error"):
+        error = ESMCError(message.error.code or "UNKNOWN", message.error.message)
+    return EmbedResult(
+        id=request_id,
+        embedding=None if error else optional_tensor(message, "embedding"),
+        error=error,
+        metadata=parse_metadata(message.metadata),
+        attempts=attempts,
+    )
+
+
+def parse_forward_and_sample(message: pb.ForwardAndSampleResponse) -> ForwardAndSampleOutput:
+    return ForwardAndSampleOutput(
+        protein_tensor=token_ids(message.protein_tensor),
+        protein=ESMProtein(sequence=message.protein.sequence),
+        entropy=optional_tensor(message, "entropy"),
+        prob=optional_tensor(message, "prob"),
+        logprob=optional_tensor(message, "logprob"),
+        top_prob=optional_tensor(message, "top_prob"),
+        topk_logprob=optional_tensor(message, "topk_logprob"),
+        topk_tokens=optional_tensor(message, "topk_tokens"),
+        per_residue_embedding=optional_tensor(message, "per_residue_embedding"),
+        mean_embedding=optional_tensor(message, "mean_embedding"),
+        metadata=parse_metadata(message.metadata),
+    )
+
+
+def parse_generate(message: pb.GenerateResponse) -> GenerateStep:
+    final = message.final
+    return GenerateStep(
+        step=message.step,
+        num_steps=message.num_steps,
+        positions=tuple(message.positions),
+        tokens=tuple(message.tokens),
+        probabilities=tuple(message.probabilities),
+        entropies=tuple(message.entropies),
+        temperature=message.temperature,
+        sequence=message.sequence,
+        final=final,
+        protein=ESMProtein(sequence=message.protein.sequence) if final else None,
+        protein_tensor=token_ids(message.protein_tensor) if final else None,
+        metadata=parse_metadata(message.metadata),
+    )
+
+
+def rpc_error(error) -> ESMCError:
+    """A ``grpc.RpcError`` (sync or aio) -> :class:`ESMCError` with the status name."""
+    code = error.code()
+    return ESMCError(code.name if code is not None else "UNKNOWN", error.details() or "")
