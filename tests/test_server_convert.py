@@ -138,7 +138,7 @@ def test_embed_config():
 
 def test_generation_config_defaults_and_values():
     config = convert.generation_config_from_proto(pb.GenerationConfig())
-    assert (config.track, config.schedule, config.strategy, config.num_steps) == ("sequence", "cosine", "random", 20)
+    assert (config.track, config.schedule, config.strategy, config.num_steps) == ("", "cosine", "random", 20)
     assert config.temperature == 1.0 and config.temperature_annealing and config.top_p == 1.0
     config = convert.generation_config_from_proto(
         pb.GenerationConfig(strategy="entropy", num_steps=4, temperature=0.0, temperature_annealing=False,
@@ -153,13 +153,14 @@ def test_generation_config_defaults_and_values():
     [
         (pb.GenerationConfig(strategy="greedy"), "unknown strategy 'greedy'"),
         (pb.GenerationConfig(schedule="exp"), "unknown schedule 'exp'"),
-        (pb.GenerationConfig(num_steps=0), "num_steps: 0 must be >= 1"),
-        (pb.GenerationConfig(temperature=-0.5), "temperature: -0.5"),
-        (pb.GenerationConfig(temperature=math.inf), "temperature: inf"),
-        (pb.GenerationConfig(top_p=0.0), r"top_p: 0.0 must be in \(0, 1\]"),
-        (pb.GenerationConfig(top_p=1.5), "top_p: 1.5"),
-        (pb.GenerationConfig(invalid_ids=[64]), "id 64 is out of range"),
-        (pb.GenerationConfig(track="structure"), "only the sequence track"),
+        (pb.GenerationConfig(num_steps=0), "num_steps must be an integer >= 1, got 0"),
+        (pb.GenerationConfig(temperature=-0.5), "temperature must be finite and >= 0, got -0.5"),
+        (pb.GenerationConfig(temperature=math.inf), "temperature must be finite and >= 0, got inf"),
+        (pb.GenerationConfig(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+        (pb.GenerationConfig(top_p=1.5), "top_p must be in"),
+        (pb.GenerationConfig(invalid_ids=[64]), "holds 64, outside the vocabulary"),
+        (pb.GenerationConfig(track="structure"), "config.track: ESMC has no 'structure' track"),
+        (pb.GenerationConfig(track="banana"), "unknown track 'banana'"),
     ],
 )
 def test_generation_config_rejects(message, text):
@@ -175,8 +176,10 @@ def test_sampling_config():
     assert config.sequence.only_sample_masked_tokens and config.sequence.topk_logprobs == 3
     with pytest.raises(InvalidRequest, match="no sasa track"):
         convert.sampling_config_from_proto(pb.SamplingConfig(sasa=pb.SamplingTrackConfig()))
-    with pytest.raises(InvalidRequest, match="topk_logprobs: 65"):
-        convert.sampling_config_from_proto(pb.SamplingConfig(sequence=pb.SamplingTrackConfig(topk_logprobs=65)))
+    with pytest.raises(InvalidRequest, match="topk_logprobs must be an integer in 0..32, got 33"):
+        convert.sampling_config_from_proto(pb.SamplingConfig(sequence=pb.SamplingTrackConfig(topk_logprobs=33)))
+    with pytest.raises(InvalidRequest, match=r"sequence.top_p must be in \(0, 1\]"):
+        convert.sampling_config_from_proto(pb.SamplingConfig(sequence=pb.SamplingTrackConfig(top_p=0)))
 
 
 def test_protein_round_trip():
