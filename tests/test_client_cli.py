@@ -136,5 +136,6 @@ def test_top_tokens_lines():
     fields = lines[1].split()
     assert fields[:3] == ["1", "L", "L"] and fields[4] == "A"
     p_l, p_a = float(fields[3]), float(fields[5])
-    assert p_l == pytest.approx(np.e / (np.e + 1), abs=1e-3) and p_a == pytest.approx(1 / (np.e + 1), abs=1e-3)
+    assert p_l == pytest.approx(np.e / (np.e + 1), abs=1e-3)
+    assert p_a == pytest.approx(1 / (np.e + 1), abs=1e-3)
     assert lines[2].split()[2] == "<7>"

@@ -69,7 +69,8 @@ class ScriptedServicer(pb_grpc.ESMCServicer):
             error = pb.Error(code="INVALID_ARGUMENT", message=f"{sequence} is not a protein")
             return pb.EmbedResponse(id=wire_id, error=error)
         if sequence.startswith("BUSY") and attempt == 1:
-            return pb.EmbedResponse(id=wire_id, error=pb.Error(code="RESOURCE_EXHAUSTED", message="queue full"))
+            busy = pb.Error(code="RESOURCE_EXHAUSTED", message="queue full")
+            return pb.EmbedResponse(id=wire_id, error=busy)
         embedding = from_numpy(np.float32([len(sequence), attempt]))
         return pb.EmbedResponse(id=wire_id, embedding=embedding)
 

@@ -45,23 +45,27 @@ _POLL_S = 0.05  # how often a blocked Embed request iterator checks that its str
 
 
 class _ClientBase:
-    """Channel settings common to both clients."""
+    """The constructor and channel settings of both clients (see :class:`ESMCClient`)."""
 
     def __init__(
         self,
-        target: str,
+        target: str = DEFAULT_TARGET,
         *,
-        max_message_bytes: int,
-        retry: RetryPolicy | None,
-        credentials: grpc.ChannelCredentials | None,
-        wait_for_ready: bool,
-        options: Sequence[tuple[str, Any]],
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry: RetryPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        wait_for_ready: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
     ):
         self.target = target
         self.retry = retry if retry is not None else RetryPolicy()
-        self._credentials = credentials
         self._wait_for_ready = wait_for_ready
-        self._options = channel_options(max_message_bytes, self.retry, tuple(options))
+        channel_args = channel_options(max_message_bytes, self.retry, tuple(options))
+        self._channel = self._open_channel(target, credentials, channel_args)
+        self._stub = pb_grpc.ESMCStub(self._channel)
+
+    def _open_channel(self, target: str, credentials, options: list):
+        raise NotImplementedError
 
     def _kwargs(self, timeout: float | None) -> dict[str, Any]:
         return {"timeout": timeout, "wait_for_ready": self._wait_for_ready}
@@ -81,29 +85,10 @@ class ESMCClient(_ClientBase):
         options: extra gRPC channel arguments.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        retry: RetryPolicy | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        wait_for_ready: bool = False,
-        options: Sequence[tuple[str, Any]] = (),
-    ):
-        super().__init__(
-            target,
-            max_message_bytes=max_message_bytes,
-            retry=retry,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            options=options,
-        )
+    def _open_channel(self, target: str, credentials, options: list) -> grpc.Channel:
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=self._options)
-        self._stub = pb_grpc.ESMCStub(self._channel)
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
 
     def close(self) -> None:
         self._channel.close()
@@ -319,29 +304,10 @@ class AsyncESMCClient(_ClientBase):
     Create it inside the event loop that uses it.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        retry: RetryPolicy | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        wait_for_ready: bool = False,
-        options: Sequence[tuple[str, Any]] = (),
-    ):
-        super().__init__(
-            target,
-            max_message_bytes=max_message_bytes,
-            retry=retry,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            options=options,
-        )
+    def _open_channel(self, target: str, credentials, options: list) -> grpc.aio.Channel:
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=self._options)
-        self._stub = pb_grpc.ESMCStub(self._channel)
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
     async def close(self) -> None:
         await self._channel.close()
