@@ -1,0 +1,242 @@
+"""The engine: async calls on the event loop, one device thread that owns the model.
+
+Calls validate what depends on the model (layer indices, sampling and generation configs)
+and raise :class:`InvalidRequest` before anything is queued; then they queue a work item and
+await its future (or return a generation's stream). The device thread
+(:mod:`esmc_server.device_loop`) batches everything pending, logits work and one step of every
+active generation alike, under one token budget. No protobuf here, and no torch compute on
+the event loop (building a generation's state only copies its tokens and seeds a generator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from esmc.generation import GenerationState, logits_config_for, resolve_seed, sample_from_logits
+from esmc.inference import InvalidLayerError, hidden_layer_indices
+from esmc.model import ESMC
+from esmc.sampling import validate_sampling_config
+from esmc.tokenizer import MASK_ID, encode
+from esmc.types import (
+    ForwardAndSampleOutput,
+    GenerationConfig,
+    LogitsConfig,
+    LogitsOutput,
+    SamplingConfig,
+)
+from esmc_server.config import BatchingConfig
+from esmc_server.device_loop import DeviceLoop, EngineObserver
+from esmc_server.errors import DeadlineExceeded, InvalidRequest, Unavailable
+from esmc_server.requests import (
+    GENERATION_LOGITS,
+    EngineStats,
+    GenerationEvent,
+    GenerationStream,
+    GenerationWork,
+    LogitsResult,
+    OneShotWork,
+    StreamChannel,
+    Timing,
+)
+
+__all__ = [
+    "Engine",
+    "EngineObserver",
+    "EngineStats",
+    "GenerationEvent",
+    "GenerationStream",
+    "LogitsResult",
+    "Timing",
+]
+
+
+class Engine:
+    """Dynamic batching of logits calls and continuous batching of generations on one model."""
+
+    def __init__(
+        self, model: ESMC, batching: BatchingConfig, observer: EngineObserver | None = None
+    ):
+        self.model = model
+        self.batching = batching
+        self.stats = EngineStats()
+        self._device = DeviceLoop(model, batching, observer or EngineObserver(), self.stats)
+        self._keys = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.Event | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the device thread (work is refused with Unavailable before this)."""
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        loop, idle = self._loop, self._idle
+        self._device.start(on_idle=lambda: _call_soon(loop, idle.set))
+
+    async def warmup(self) -> None:
+        """Two logits calls of different lengths (one batched forward) and a generation step."""
+        config = LogitsConfig(sequence=True, return_embeddings=True, return_mean_embedding=True)
+        await asyncio.gather(
+            self.logits(encode("MKTAYIAKQR"), config),
+            self.logits(encode("MSHHWGYGKHNGPEHWHKDFPIAKGERQSPVDIDT"), config),
+        )
+        masked = encode("MKTAYIAKQR")
+        masked[3:6] = MASK_ID
+        async for _ in self.generate(masked, GenerationConfig(track="sequence", num_steps=1), 0):
+            pass
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new work (Unavailable), let queued and in-flight work finish within
+        ``grace_s``, then fail what is left with Unavailable and end the device thread."""
+        if self._loop is None:
+            return
+        self._device.drain()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        except TimeoutError:
+            pass
+        self._device.halt()
+        await asyncio.to_thread(self._device.join)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def logits(
+        self, tokens: torch.Tensor, config: LogitsConfig, *, deadline: float | None = None
+    ) -> LogitsResult:
+        """One protein's outputs per ``config`` (float32 CPU tensors) and how it was served."""
+        layers = self._layers(config)
+        return await self._unary(tokens, config, layers, deadline, LogitsResult)
+
+    async def forward_and_sample(
+        self,
+        tokens: torch.Tensor,
+        sampling: SamplingConfig,
+        seed: int | None,
+        *,
+        deadline: float | None = None,
+    ) -> tuple[ForwardAndSampleOutput, Timing]:
+        """One forward shared with other work, then sampling of this protein's logits."""
+        try:
+            validate_sampling_config(sampling)
+            seed = resolve_seed(seed)
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from error
+        tokens = _cpu_tokens(tokens)
+
+        def sample(output: LogitsOutput, timing: Timing) -> tuple[ForwardAndSampleOutput, Timing]:
+            return sample_from_logits(tokens, output, sampling, seed), timing
+
+        return await self._unary(tokens, logits_config_for(sampling), [], deadline, sample)
+
+    def generate(
+        self,
+        tokens: torch.Tensor,
+        config: GenerationConfig,
+        seed: int | None,
+        *,
+        deadline: float | None = None,
+    ) -> GenerationStream:
+        """Start a generation now; its steps arrive on the returned async iterator.
+
+        Invalid configs or inputs without masks raise InvalidRequest here, before queueing.
+        Closing the iterator (or cancelling its reader) stops the generation before its next
+        step; ``deadline`` bounds the whole stream.
+        """
+        loop = self._running_loop()
+        try:
+            state = GenerationState(_cpu_tokens(tokens), config, seed)
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from error
+        now = time.monotonic()
+        _check_deadline(deadline, now)
+        channel = StreamChannel(loop, on_close=self._device.wake)
+        work = GenerationWork(
+            key=next(self._keys),
+            tokens=state.tokens,
+            config=GENERATION_LOGITS,
+            layers=[],
+            deadline=deadline,
+            ready=now,
+            state=state,
+            stream=channel,
+        )
+        self._device.submit(work)
+        if deadline is not None:
+            channel.timer = loop.call_later(deadline - now, channel.expire)
+        return GenerationStream(channel)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _layers(self, config: LogitsConfig) -> list[int]:
+        try:
+            return hidden_layer_indices(config, self.model.config.n_layers)
+        except InvalidLayerError as error:
+            raise InvalidRequest(str(error)) from error
+
+    async def _unary(
+        self,
+        tokens: torch.Tensor,
+        config: LogitsConfig,
+        layers: list[int],
+        deadline: float | None,
+        make_result: Callable[[LogitsOutput, Timing], Any],
+    ) -> Any:
+        loop = self._running_loop()
+        now = time.monotonic()
+        _check_deadline(deadline, now)
+        future = loop.create_future()
+        work = OneShotWork(
+            key=next(self._keys),
+            tokens=_cpu_tokens(tokens),
+            config=config,
+            layers=layers,
+            deadline=deadline,
+            ready=now,
+            loop=loop,
+            future=future,
+            make_result=make_result,
+        )
+        self._device.submit(work)
+        future.add_done_callback(self._on_settled)
+        timer = None if deadline is None else loop.call_later(deadline - now, _expire, future)
+        try:
+            return await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _on_settled(self, future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self._device.wake()  # cancelled or timed out: drop it now, not at the next pass
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise Unavailable("the engine has not been started")
+        return self._loop
+
+
+def _cpu_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens.detach().to("cpu", torch.long).reshape(-1)
+
+
+def _check_deadline(deadline: float | None, now: float) -> None:
+    if deadline is not None and deadline <= now:
+        raise DeadlineExceeded("the deadline passed before the request was queued")
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded("deadline passed before the result was ready"))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # loop closed
+        pass
