@@ -22,7 +22,7 @@ class ESMProtein:
     sequence: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class ESMProteinTensor:
     """A protein by its token ids, ``<cls>`` (0) first and ``<eos>`` (2) last."""
 
@@ -108,12 +108,12 @@ class ServerInfo:
     logits_width: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class ForwardTrackData:
     sequence: np.ndarray | None = None  # (L+2, 64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class LogitsOutput:
     """One protein's outputs (no batch dimension), as the reference ``LogitsOutput``.
 
@@ -131,7 +131,7 @@ class LogitsOutput:
     metadata: ResponseMetadata
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class EmbedResult:
     """One sequence of a bulk embed: its embedding, or its own error."""
 
@@ -146,7 +146,7 @@ class EmbedResult:
         return self.error is None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class ForwardAndSampleOutput:
     """One forward plus sampling; per-position arrays have L+2 rows."""
 
@@ -163,7 +163,7 @@ class ForwardAndSampleOutput:
     metadata: ResponseMetadata
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class GenerateStep:
     """One message of a generation stream; the last has ``final`` and the finished protein."""
 
