@@ -1,4 +1,4 @@
-"""Wire conversion: tensor bytes per dtype (bf16 bit for bit), request validation, config from env."""
+"""Wire conversion: tensor bytes per dtype (bf16 bit for bit), request validation, settings."""
 
 from __future__ import annotations
 
@@ -43,8 +43,12 @@ def test_float16_round_trip_within_half_rounding():
 
 def test_bfloat16_bits_are_upper_half_rounded_to_nearest_even():
     # ties: 0x3F808000 (exactly halfway, even below -> stays), 0x3F818000 (halfway, odd -> up)
-    ties = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0xBF808001], dtype=np.uint32).view(np.float32)
-    values = np.concatenate([ties, np.random.default_rng(0).standard_normal(1000).astype(np.float32)])
+    ties = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0xBF808001], dtype=np.uint32).view(
+        np.float32
+    )
+    values = np.concatenate(
+        [ties, np.random.default_rng(0).standard_normal(1000).astype(np.float32)]
+    )
     message = convert.tensor_to_proto(torch.from_numpy(values.copy()), pb.DTYPE_BFLOAT16)
     wire = np.frombuffer(message.data, dtype="<u2")
     assert wire[:4].tolist() == [0x3F80, 0x3F82, 0x3F81, 0xBF81]
@@ -54,7 +58,9 @@ def test_bfloat16_bits_are_upper_half_rounded_to_nearest_even():
     assert np.array_equal((wire.astype(np.uint32) << 16).view(np.float32), back.float().numpy())
 
 
-@pytest.mark.parametrize("dtype, wire", [(pb.DTYPE_INT32, torch.int32), (pb.DTYPE_INT64, torch.int64)])
+@pytest.mark.parametrize(
+    "dtype, wire", [(pb.DTYPE_INT32, torch.int32), (pb.DTYPE_INT64, torch.int64)]
+)
 def test_integer_round_trip(dtype, wire):
     t = torch.tensor([[0, -1, 2**31 - 1], [5, 6, -(2**31)]])
     back = convert.tensor_from_proto(convert.tensor_to_proto(t, dtype))
@@ -80,7 +86,9 @@ def test_tokens_from_request():
     request = pb.LogitsRequest(protein=pb.ESMProtein(sequence="MK_<mask>"))
     tokens = convert.tokens_from_request(request, 2048)
     assert tokens.tolist() == [0, 20, 15, 32, 32, 2]
-    same = convert.tokens_from_request(pb.LogitsRequest(tokens=pb.ESMProteinTensor(sequence=tokens.tolist())), 2048)
+    same = convert.tokens_from_request(
+        pb.LogitsRequest(tokens=pb.ESMProteinTensor(sequence=tokens.tolist())), 2048
+    )
     assert torch.equal(same, tokens)
 
 
@@ -91,10 +99,19 @@ def test_tokens_from_request():
         (pb.LogitsRequest(protein=pb.ESMProtein(sequence="")), "sequence is empty"),
         (pb.LogitsRequest(protein=pb.ESMProtein(sequence="MKTa")), r"'a' at position 3"),
         (pb.LogitsRequest(protein=pb.ESMProtein(sequence="M" * 9)), "limit is 8"),
-        (pb.LogitsRequest(protein=pb.ESMProtein(sequence="MK", secondary_structure="HH")), "only the sequence"),
-        (pb.LogitsRequest(tokens=pb.ESMProteinTensor(sequence=[0, 5, 40, 2])), "token id 40 at position 2"),
+        (
+            pb.LogitsRequest(protein=pb.ESMProtein(sequence="MK", secondary_structure="HH")),
+            "only the sequence",
+        ),
+        (
+            pb.LogitsRequest(tokens=pb.ESMProteinTensor(sequence=[0, 5, 40, 2])),
+            "token id 40 at position 2",
+        ),
         (pb.LogitsRequest(tokens=pb.ESMProteinTensor(sequence=[5, 5, 2])), "must start with <cls>"),
-        (pb.LogitsRequest(tokens=pb.ESMProteinTensor(sequence=[0, 5, 2], sasa=[1, 2, 3])), "got sasa"),
+        (
+            pb.LogitsRequest(tokens=pb.ESMProteinTensor(sequence=[0, 5, 2], sasa=[1, 2, 3])),
+            "got sasa",
+        ),
     ],
 )
 def test_tokens_from_request_rejects(request_, message):
@@ -115,7 +132,10 @@ def test_logits_config_layers():
 @pytest.mark.parametrize(
     "message, text",
     [
-        (pb.LogitsConfig(return_hidden_states=True, ith_hidden_layer=3), "ith_hidden_layer=3 does not exist"),
+        (
+            pb.LogitsConfig(return_hidden_states=True, ith_hidden_layer=3),
+            "ith_hidden_layer=3 does not exist",
+        ),
         (pb.LogitsConfig(return_hidden_states=True, ith_hidden_layer=-4), "does not exist"),
         (pb.LogitsConfig(sequence=True, ith_hidden_layer=0), "neither return_hidden_states"),
         (pb.LogitsConfig(structure=True), "no structure head"),
@@ -138,13 +158,29 @@ def test_embed_config():
 
 def test_generation_config_defaults_and_values():
     config = convert.generation_config_from_proto(pb.GenerationConfig())
-    assert (config.track, config.schedule, config.strategy, config.num_steps) == ("", "cosine", "random", 20)
+    assert (config.track, config.schedule, config.strategy, config.num_steps) == (
+        "",
+        "cosine",
+        "random",
+        20,
+    )
     assert config.temperature == 1.0 and config.temperature_annealing and config.top_p == 1.0
     config = convert.generation_config_from_proto(
-        pb.GenerationConfig(strategy="entropy", num_steps=4, temperature=0.0, temperature_annealing=False,
-                            top_p=0.5, invalid_ids=[23])
+        pb.GenerationConfig(
+            strategy="entropy",
+            num_steps=4,
+            temperature=0.0,
+            temperature_annealing=False,
+            top_p=0.5,
+            invalid_ids=[23],
+        )
     )
-    assert (config.strategy, config.num_steps, config.temperature, config.top_p) == ("entropy", 4, 0.0, 0.5)
+    assert (config.strategy, config.num_steps, config.temperature, config.top_p) == (
+        "entropy",
+        4,
+        0.0,
+        0.5,
+    )
     assert not config.temperature_annealing and list(config.invalid_ids) == [23]
 
 
@@ -177,9 +213,13 @@ def test_sampling_config():
     with pytest.raises(InvalidRequest, match="no sasa track"):
         convert.sampling_config_from_proto(pb.SamplingConfig(sasa=pb.SamplingTrackConfig()))
     with pytest.raises(InvalidRequest, match="topk_logprobs must be an integer in 0..32, got 33"):
-        convert.sampling_config_from_proto(pb.SamplingConfig(sequence=pb.SamplingTrackConfig(topk_logprobs=33)))
+        convert.sampling_config_from_proto(
+            pb.SamplingConfig(sequence=pb.SamplingTrackConfig(topk_logprobs=33))
+        )
     with pytest.raises(InvalidRequest, match=r"sequence.top_p must be in \(0, 1\]"):
-        convert.sampling_config_from_proto(pb.SamplingConfig(sequence=pb.SamplingTrackConfig(top_p=0)))
+        convert.sampling_config_from_proto(
+            pb.SamplingConfig(sequence=pb.SamplingTrackConfig(top_p=0))
+        )
 
 
 def test_protein_round_trip():
@@ -209,8 +249,15 @@ def test_config_env_then_overrides():
         "ESMC_UNRELATED": "x",
     }
     config = ServerConfig.from_env(env, max_batch_tokens=8192, port=None, max_queue=3)
-    assert (config.model, config.port, config.metrics_port, config.device) == ("esmc-300m", 6000, None, "cpu")
-    assert config.batching == BatchingConfig(max_batch_tokens=8192, max_wait_ms=2.5, max_queue=3, packed=False)
+    assert (config.model, config.port, config.metrics_port, config.device) == (
+        "esmc-300m",
+        6000,
+        None,
+        "cpu",
+    )
+    assert config.batching == BatchingConfig(
+        max_batch_tokens=8192, max_wait_ms=2.5, max_queue=3, packed=False
+    )
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import time
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from esmc.model import ESMC
@@ -47,8 +47,14 @@ def load_model(config: ServerConfig) -> ESMC:
 class Server:
     """A running server: ``port``, ``metrics_port``, ``engine``; :meth:`stop` shuts it down."""
 
-    def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, health: HealthServicer,
-                 servicer: ESMCServicer, metrics: Metrics):
+    def __init__(
+        self,
+        config: ServerConfig,
+        grpc_server: grpc.aio.Server,
+        health: health_aio.HealthServicer,
+        servicer: ESMCServicer,
+        metrics: Metrics,
+    ):
         self.config = config
         self.grpc_server = grpc_server
         self.health = health
@@ -61,7 +67,11 @@ class Server:
         self._stopping: asyncio.Task | None = None
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
@@ -100,7 +110,7 @@ async def create_server(
     """
     metrics = Metrics()
     grpc_server = grpc.aio.server(options=channel_options(config.max_message_bytes))
-    health = HealthServicer()
+    health = health_aio.HealthServicer()
     servicer = ESMCServicer(config, metrics)
     server = Server(config, grpc_server, health, servicer, metrics)
     await server.set_serving(False)

@@ -33,7 +33,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--device", help=f"{' | '.join(DEVICES)} | cuda:N")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
-    p.add_argument("--padded", action="store_const", const=True, help="length-sorted padded batches instead of packing")
+    p.add_argument(
+        "--padded",
+        action="store_const",
+        const=True,
+        help="length-sorted padded batches instead of packing",
+    )
     p.add_argument("--max-message-bytes", type=int, help="gRPC message size limit, both directions")
     p.add_argument("--grace-s", type=float, help="seconds calls in flight get to finish on SIGTERM")
     p.add_argument("--no-warmup", action="store_const", const=True, help="skip the warm-up forward")
@@ -87,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = config_from_args(args)
     except ValueError as e:

@@ -34,7 +34,9 @@ class BatchingConfig:
     def __post_init__(self) -> None:
         _check(self.max_batch_tokens >= 1, "max_batch_tokens must be >= 1")
         _check(self.max_batch_size >= 1, "max_batch_size must be >= 1")
-        _check(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms must be >= 0")
+        _check(
+            math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms must be >= 0"
+        )
         _check(self.max_queue >= 1, "max_queue must be >= 1")
 
 
@@ -54,12 +56,17 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"port {self.port} is out of range")
         if self.metrics_port is not None:
-            _check(0 <= self.metrics_port < 65536, f"metrics_port {self.metrics_port} is out of range")
+            _check(
+                0 <= self.metrics_port < 65536, f"metrics_port {self.metrics_port} is out of range"
+            )
         _check(
             self.device in DEVICES or self.device.startswith("cuda:"),
             f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N",
         )
-        _check(self.dtype is None or self.dtype in DTYPES, f"dtype {self.dtype!r} is not one of {DTYPES}")
+        _check(
+            self.dtype is None or self.dtype in DTYPES,
+            f"dtype {self.dtype!r} is not one of {DTYPES}",
+        )
         _check(self.max_message_bytes >= 4 * 1024 * 1024, "max_message_bytes must be >= 4 MiB")
         _check(self.grace_s >= 0, "grace_s must be >= 0")
 

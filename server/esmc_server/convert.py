@@ -91,7 +91,9 @@ def output_dtype(value: int, field: str = "output_dtype") -> int:
         return pb.DTYPE_FLOAT32
     if value not in FLOAT_OUTPUTS:
         name = pb.DType.Name(value) if value in pb.DType.values() else str(value)
-        raise InvalidRequest(f"{field}: {name} is not an output dtype; use float32, float16 or bfloat16")
+        raise InvalidRequest(
+            f"{field}: {name} is not an output dtype; use float32, float16 or bfloat16"
+        )
     return value
 
 
@@ -111,14 +113,17 @@ def tokens_from_request(request, max_length: int) -> torch.Tensor:
 def tokens_from_protein(protein: pb.ESMProtein, max_length: int | None) -> torch.Tensor:
     if protein.secondary_structure or len(protein.sasa):
         raise InvalidRequest(
-            "protein: ESMC models only the sequence track; secondary_structure and sasa must be empty"
+            "protein: ESMC models only the sequence track; "
+            "secondary_structure and sasa must be empty"
         )
     with invalid_request("protein.sequence"):
         return tokenizer.encode(protein.sequence, max_length=max_length)
 
 
 def tokens_from_tensor(tokens: pb.ESMProteinTensor, max_length: int | None) -> torch.Tensor:
-    extra = [name for name in ("structure", "secondary_structure", "sasa") if len(getattr(tokens, name))]
+    extra = [
+        name for name in ("structure", "secondary_structure", "sasa") if len(getattr(tokens, name))
+    ]
     if tokens.HasField("function"):
         extra.append("function")
     if extra:
@@ -141,7 +146,9 @@ def protein_tensor_to_proto(tokens: torch.Tensor | Sequence[int]) -> pb.ESMProte
 # -- logits and embeddings ----------------------------------------------------------------
 
 
-def logits_config_from_proto(message: pb.LogitsConfig, n_layers: int) -> tuple[LogitsConfig, list[int]]:
+def logits_config_from_proto(
+    message: pb.LogitsConfig, n_layers: int
+) -> tuple[LogitsConfig, list[int]]:
     """The library config and the block indices of its hidden-state rows."""
     for track in (*OTHER_TRACKS, "residue_annotations"):
         if getattr(message, track):
@@ -187,7 +194,9 @@ def logits_response(
 def embed_config_from_proto(request: pb.EmbedRequest, n_layers: int) -> LogitsConfig:
     """Final embeddings (layer unset or -1) or one block's output, pooled or per position."""
     if request.pooling not in (pb.POOLING_UNSPECIFIED, pb.POOLING_MEAN, pb.POOLING_NONE):
-        raise InvalidRequest(f"pooling: unknown value {request.pooling}; use POOLING_MEAN or POOLING_NONE")
+        raise InvalidRequest(
+            f"pooling: unknown value {request.pooling}; use POOLING_MEAN or POOLING_NONE"
+        )
     pooled = request.pooling != pb.POOLING_NONE
     layer = request.layer if request.HasField("layer") else -1
     if layer == -1:
@@ -220,7 +229,9 @@ def sampling_track_from_proto(message: pb.SamplingTrackConfig) -> SamplingTrackC
         temperature=message.temperature if message.HasField("temperature") else 1.0,
         top_p=message.top_p if message.HasField("top_p") else 1.0,
         only_sample_masked_tokens=(
-            message.only_sample_masked_tokens if message.HasField("only_sample_masked_tokens") else True
+            message.only_sample_masked_tokens
+            if message.HasField("only_sample_masked_tokens")
+            else True
         ),
         invalid_ids=list(message.invalid_ids),
         topk_logprobs=message.topk_logprobs,
@@ -241,7 +252,9 @@ def sampling_config_from_proto(message: pb.SamplingConfig) -> SamplingConfig:
                 f"sampling_config.{track}: ESMC has no {track} track; only sequence can be sampled"
             )
     config = SamplingConfig(
-        sequence=sampling_track_from_proto(message.sequence) if message.HasField("sequence") else None,
+        sequence=sampling_track_from_proto(message.sequence)
+        if message.HasField("sequence")
+        else None,
         return_per_residue_embeddings=message.return_per_residue_embeddings,
         return_mean_embedding=message.return_mean_embedding,
     )
@@ -256,10 +269,14 @@ def generation_config_from_proto(message: pb.GenerationConfig) -> GenerationConf
         sampling.check_track(message.track)
     schedule = message.schedule or "cosine"
     if schedule not in SCHEDULES:
-        raise InvalidRequest(f"config.schedule: unknown schedule {schedule!r}; use one of {SCHEDULES}")
+        raise InvalidRequest(
+            f"config.schedule: unknown schedule {schedule!r}; use one of {SCHEDULES}"
+        )
     strategy = message.strategy or "random"
     if strategy not in STRATEGIES:
-        raise InvalidRequest(f"config.strategy: unknown strategy {strategy!r}; use one of {STRATEGIES}")
+        raise InvalidRequest(
+            f"config.strategy: unknown strategy {strategy!r}; use one of {STRATEGIES}"
+        )
     config = GenerationConfig(
         track=message.track,
         invalid_ids=list(message.invalid_ids),
@@ -299,7 +316,9 @@ def forward_and_sample_response(
     return response
 
 
-def generation_step_response(step: GenerationStep, metadata: pb.ResponseMetadata) -> pb.GenerateResponse:
+def generation_step_response(
+    step: GenerationStep, metadata: pb.ResponseMetadata
+) -> pb.GenerateResponse:
     """One step of a generation: what it filled, and the whole sequence after it."""
     return pb.GenerateResponse(
         step=step.step,
@@ -314,7 +333,9 @@ def generation_step_response(step: GenerationStep, metadata: pb.ResponseMetadata
     )
 
 
-def generation_final_response(step: GenerationStep, metadata: pb.ResponseMetadata) -> pb.GenerateResponse:
+def generation_final_response(
+    step: GenerationStep, metadata: pb.ResponseMetadata
+) -> pb.GenerateResponse:
     """The message after the last step: the finished protein, metadata over the whole stream."""
     return pb.GenerateResponse(
         step=step.step,

@@ -44,17 +44,26 @@ class Metrics:
             registry=r,
         )
         self.queue_time = Histogram(
-            "esmc_queue_time_seconds", "Arrival to the start of the serving forward", buckets=_MS_BUCKETS, registry=r
+            "esmc_queue_time_seconds",
+            "Arrival to the start of the serving forward",
+            buckets=_MS_BUCKETS,
+            registry=r,
         )
         self.compute_time = Histogram(
             "esmc_compute_time_seconds", "Duration of one forward", buckets=_MS_BUCKETS, registry=r
         )
         self.forwards = Counter("esmc_forwards", "Model forwards", registry=r)
         self.sequences = Counter("esmc_sequences", "Sequences computed", registry=r)
-        self.tokens = Counter("esmc_tokens", "Tokens computed (padded tokens when padding)", registry=r)
-        self.real_tokens = Counter("esmc_real_tokens", "Tokens of real sequences computed", registry=r)
+        self.tokens = Counter(
+            "esmc_tokens", "Tokens computed (padded tokens when padding)", registry=r
+        )
+        self.real_tokens = Counter(
+            "esmc_real_tokens", "Tokens of real sequences computed", registry=r
+        )
         self.generation_steps = Counter(
-            "esmc_generation_steps", "Generation steps taken (rate() gives steps per second)", registry=r
+            "esmc_generation_steps",
+            "Generation steps taken (rate() gives steps per second)",
+            registry=r,
         )
         self.steps_per_forward = Histogram(
             "esmc_generation_steps_per_forward",
@@ -70,9 +79,17 @@ class Metrics:
             registry=r,
         )
         self.requests = Counter(
-            "esmc_requests", "Requests answered, by method and status code", ["method", "code"], registry=r
+            "esmc_requests",
+            "Requests answered, by method and status code",
+            ["method", "code"],
+            registry=r,
         )
-        self.errors = Counter("esmc_errors", "Errors answered, by method and status code", ["method", "code"], registry=r)
+        self.errors = Counter(
+            "esmc_errors",
+            "Errors answered, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     # -- EngineObserver --------------------------------------------------------------------

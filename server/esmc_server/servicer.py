@@ -105,7 +105,9 @@ class ESMCServicer(pb_grpc.ESMCServicer):
         except Exception as e:
             code = "INTERNAL"
             log.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+            )
         finally:
             self._metrics.on_request(method, code, time.perf_counter() - start)
 
@@ -201,7 +203,9 @@ class ESMCServicer(pb_grpc.ESMCServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
 
-    async def _read_embeds(self, request_iterator, deadline, results: asyncio.Queue, window) -> None:
+    async def _read_embeds(
+        self, request_iterator, deadline, results: asyncio.Queue, window
+    ) -> None:
         """Start one task per request (at most EMBED_WINDOW at once); None when all answered."""
         tasks: set[asyncio.Task] = set()
 
@@ -227,7 +231,9 @@ class ESMCServicer(pb_grpc.ESMCServicer):
         except Exception as e:  # the request stream itself failed
             results.put_nowait(e)
 
-    async def _embed_one(self, request: pb.EmbedRequest, deadline: float | None) -> pb.EmbedResponse:
+    async def _embed_one(
+        self, request: pb.EmbedRequest, deadline: float | None
+    ) -> pb.EmbedResponse:
         """This id's embedding, or this id's error: one bad sequence never ends the stream."""
         start = time.perf_counter()
         code = "OK"
@@ -239,7 +245,9 @@ class ESMCServicer(pb_grpc.ESMCServicer):
             result = await served.engine.logits(tokens, config, deadline=deadline)
             return pb.EmbedResponse(
                 id=request.id,
-                embedding=convert.tensor_to_proto(convert.embedding_of(result.output, config), dtype),
+                embedding=convert.tensor_to_proto(
+                    convert.embedding_of(result.output, config), dtype
+                ),
                 metadata=convert.metadata_to_proto(result.timing),
             )
         except ServiceError as e:
@@ -258,7 +266,9 @@ class ESMCServicer(pb_grpc.ESMCServicer):
 
     # -- Generate: server stream ----------------------------------------------------------------
 
-    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context
+    ) -> AsyncIterator[pb.GenerateResponse]:
         """One message per step, then a final one with the finished protein.
 
         The deadline covers the whole stream; a client that cancels or goes away closes the
@@ -278,11 +288,15 @@ class ESMCServicer(pb_grpc.ESMCServicer):
         except Exception as e:
             code = "INTERNAL"
             log.exception("Generate failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+            )
         finally:
             self._metrics.on_request("Generate", code, time.perf_counter() - start)
 
-    async def _generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+    async def _generate(
+        self, request: pb.GenerateRequest, context
+    ) -> AsyncIterator[pb.GenerateResponse]:
         served = self._ready
         tokens = convert.tokens_from_request(request, self._max_length)
         if not bool((tokens[1:-1] == tokenizer.MASK_ID).any()):
@@ -290,14 +304,18 @@ class ESMCServicer(pb_grpc.ESMCServicer):
                 "protein has no masked position ('_' or <mask>): there is nothing to generate"
             )
         config = convert.generation_config_from_proto(request.config)
-        events = served.engine.generate(tokens, config, convert.seed_of(request), deadline=deadline_of(context))
+        events = served.engine.generate(
+            tokens, config, convert.seed_of(request), deadline=deadline_of(context)
+        )
         totals = _StreamTotals()
         last_sent = None
         try:
             async for event in events:
                 if last_sent is None or event.step.step != last_sent.step:
                     totals.add(event.timing)
-                    yield convert.generation_step_response(event.step, convert.metadata_to_proto(event.timing))
+                    yield convert.generation_step_response(
+                        event.step, convert.metadata_to_proto(event.timing)
+                    )
                     last_sent = event.step
                 if event.final or event.step.done:
                     yield convert.generation_final_response(event.step, totals.metadata())
