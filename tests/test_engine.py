@@ -50,12 +50,17 @@ class Recorder(EngineObserver):
 
     def __init__(self, hold: bool = False):
         self.batches: list[tuple[int, int, int]] = []  # (sequences, tokens, generation steps)
+        self.hooks: list[tuple[str, int]] = []  # ("depth", waiting) / ("batch", sequences)
         self.go = threading.Event()
         if not hold:
             self.go.set()
 
     def on_batch(self, sequences, tokens, real_tokens, queue_ms_list, compute_ms, generation_steps):
         self.batches.append((sequences, tokens, generation_steps))
+        self.hooks.append(("batch", sequences))
+
+    def on_queue_depth(self, n):
+        self.hooks.append(("depth", n))
 
     def on_active_generations(self, n):
         self.go.wait()
@@ -155,6 +160,24 @@ async def test_64_concurrent_calls_ride_in_few_forwards(model, make_engine):
     for i in (0, 17, 63):
         alone = run_logits(model, [encode(sequences[i])], [config])[0]
         assert_same(results[i].output, alone)
+
+
+async def test_next_batch_is_collated_while_the_current_forward_runs(make_engine):
+    """The depth hook fires when a batch is scheduled: the (E, F) batch is scheduled and
+    collated during the (C, D) forward, before that pass hands its results back."""
+    recorder = Recorder(hold=True)
+    engine = await make_engine(observer=recorder, max_batch_size=2, max_wait_ms=FOREVER_MS)
+    config = LogitsConfig(sequence=True)
+    tokens = [encode(s) for s in random_sequences([9, 14, 4, 30, 21, 6], seed=9)]
+    await asyncio.gather(engine.logits(tokens[0], config), engine.logits(tokens[1], config))
+    later = [await started(engine.logits(t, config)) for t in tokens[2:]]  # device thread held
+    recorder.go.set()
+    await asyncio.gather(*later)
+    assert recorder.hooks == [
+        ("depth", 0), ("batch", 2),  # A, B
+        ("depth", 2), ("depth", 0), ("batch", 2),  # C, D scheduled; E, F looked ahead
+        ("batch", 2),  # E, F
+    ]
 
 
 async def test_cancelled_request_never_reaches_a_forward(model, make_engine):

@@ -22,6 +22,7 @@ outputs, and they ride in the very next forward.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from esmc_server.policy import batch_cost, next_wakeup, select_batch
 from esmc_server.requests import EngineStats, GenerationWork, Timing, Work
 
 NEW, RUNNING, DRAINING, STOPPED = "new", "running", "draining", "stopped"
+
+log = logging.getLogger(__name__)
 
 
 class EngineObserver:
@@ -159,6 +162,9 @@ class DeviceLoop:
                     if prepared is None:
                         return
                 prepared = self._run_pass(prepared)
+        except BaseException:
+            log.exception("the device loop failed; the engine refuses work from now on")
+            raise
         finally:
             self._fail_all(Unavailable("the engine stopped before this request was computed"))
 
@@ -186,7 +192,7 @@ class DeviceLoop:
                 wakeup = next_wakeup(entries, limits, now)
                 self._cond.wait(None if wakeup is None else max(wakeup - now, 0.0))
         self.stats.queue_depth = depth
-        self._observer.on_queue_depth(depth)
+        self._notify("on_queue_depth", depth)
         return self._prepare(works)
 
     def _take(self, key: int) -> Work:
@@ -326,7 +332,7 @@ class DeviceLoop:
                 self._generations.discard(work.key)
             active = len(self._generations)
         self.stats.active_generations = active
-        self._observer.on_active_generations(active)
+        self._notify("on_active_generations", active)
 
     @staticmethod
     def _finish(work: Work, output: object, timing: Timing) -> bool:
@@ -349,7 +355,14 @@ class DeviceLoop:
         stats.real_tokens += real
         stats.generation_steps += steps
         stats.generation_forwards += forwards if steps else 0
-        self._observer.on_batch(len(served), paid, real, queue_ms, compute_ms, steps)
+        self._notify("on_batch", len(served), paid, real, queue_ms, compute_ms, steps)
+
+    def _notify(self, hook: str, *args) -> None:
+        """Call an observer hook; a failing observer is logged, never fails the device loop."""
+        try:
+            getattr(self._observer, hook)(*args)
+        except Exception:  # noqa: BLE001 - metrics must not stop the model
+            log.exception("engine observer %s failed", hook)
 
     def _fail_all(self, error: Exception) -> None:
         with self._cond:

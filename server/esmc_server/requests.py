@@ -87,7 +87,7 @@ def settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: Any =
         pass
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, kw_only=True)
 class Work:
     """One sequence for one forward; subclasses say what happens with its outputs."""
 
@@ -118,13 +118,13 @@ class Work:
         raise NotImplementedError
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, kw_only=True)
 class OneShotWork(Work):
     """A unary call: one forward, then ``make_result`` (on the device thread) settles the future."""
 
-    loop: asyncio.AbstractEventLoop = None
-    future: asyncio.Future = None
-    make_result: Callable[[LogitsOutput, Timing], Any] = None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    make_result: Callable[[LogitsOutput, Timing], Any]
 
     def gone(self, now: float) -> bool:
         if self.future.done():  # cancelled by the caller or failed by the deadline timer
@@ -208,13 +208,15 @@ class GenerationStream:
         return item
 
     async def aclose(self) -> None:
+        """Stop iterating; the generation leaves before its next step."""
+        self._finished = True
         self._channel.close()
 
     async def __aenter__(self) -> GenerationStream:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
-        self._channel.close()
+        await self.aclose()
 
     def __del__(self) -> None:
         channel = self._channel
@@ -230,12 +232,12 @@ class GenerationStream:
         self._channel.close()
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, kw_only=True)
 class GenerationWork(Work):
     """An active generation: one step per forward it rides in, then queued again."""
 
-    state: GenerationState = None
-    stream: StreamChannel = None
+    state: GenerationState
+    stream: StreamChannel
 
     def gone(self, now: float) -> bool:
         if self.stream.closed:
