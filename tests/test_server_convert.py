@@ -11,6 +11,8 @@ import torch
 from esmc import tokenizer
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_server import convert
+from esmc_server.cli import build_parser, config_from_args
+from esmc_server.cli import main as cli_main
 from esmc_server.config import BatchingConfig, ServerConfig
 from esmc_server.errors import InvalidRequest
 
@@ -274,3 +276,21 @@ def test_config_env_then_overrides():
 def test_config_rejects(env, overrides, text):
     with pytest.raises(ValueError, match=text):
         ServerConfig.from_env(env, **overrides)
+
+
+def test_cli_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("ESMC_MAX_QUEUE", "7")
+    monkeypatch.setenv("ESMC_PORT", "1234")
+    monkeypatch.setenv("ESMC_MAX_WAIT_MS", "9")
+    argv = ["--port", "0", "--padded", "--metrics-port", "off", "--max-wait-ms", "1.5"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert (config.port, config.metrics_port) == (0, None)
+    assert config.batching == BatchingConfig(max_queue=7, max_wait_ms=1.5, packed=False)
+    config = config_from_args(build_parser().parse_args(["--metrics-port", "9191", "--no-warmup"]))
+    assert (config.port, config.metrics_port, config.warmup) == (1234, 9191, False)
+
+
+def test_cli_reports_a_model_it_cannot_load(tmp_path, caplog):
+    missing = tmp_path / "nothing.safetensors"
+    assert cli_main(["serve", "--model", str(missing), "--port", "0", "--metrics-port", "off"]) == 1
+    assert "cannot serve" in caplog.text

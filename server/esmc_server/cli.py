@@ -22,9 +22,13 @@ log = logging.getLogger("esmc_server")
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The ``serve`` options; pass a (sub)parser to add them to it."""
-    p = parser or argparse.ArgumentParser(prog="esmc serve", description="Serve ESMC over gRPC.")
+    p = parser or argparse.ArgumentParser(
+        prog="esmc serve",
+        description="Serve ESMC over gRPC. Every option can also come from ESMC_<NAME> "
+        "(e.g. ESMC_MAX_BATCH_TOKENS, ESMC_PACKED=false, ESMC_METRICS_PORT=off); flags win.",
+    )
     p.add_argument("--model", help="registry name (esmc-tiny), hub repo id or local weights path")
-    p.add_argument("--host")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=_port_or_off, help="Prometheus port, or 'off'")
     p.add_argument("--max-batch-tokens", type=int, help="token budget per forward")
@@ -100,7 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         log.error("invalid settings: %s", e)
         return 2
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as e:  # weights not found or unusable, port taken, ...
+        log.error("cannot serve %s: %s", config.model, e)
+        return 1
     return 0
 
 
