@@ -82,14 +82,6 @@ class ESMCServicer(pb_grpc.ESMCServicer):
             raise Unavailable("the server is not ready: the model is loading or shutting down")
         return self._served
 
-    @property
-    def _max_length(self) -> int:
-        return self._ready.model.config.max_length
-
-    @property
-    def _n_layers(self) -> int:
-        return self._ready.model.config.n_layers
-
     async def _unary(self, method: str, context, handler: Callable[[], Awaitable]):
         """Run ``handler``; map its errors to a status; record latency and status."""
         start = time.perf_counter()
@@ -162,8 +154,10 @@ class ESMCServicer(pb_grpc.ESMCServicer):
     async def Logits(self, request: pb.LogitsRequest, context) -> pb.LogitsResponse:
         async def handler():
             served = self._ready
-            tokens = convert.tokens_from_request(request, self._max_length)
-            config, layers = convert.logits_config_from_proto(request.config, self._n_layers)
+            tokens = convert.tokens_from_request(request, served.model.config.max_length)
+            config, layers = convert.logits_config_from_proto(
+                request.config, served.model.config.n_layers
+            )
             dtype = convert.output_dtype(request.output_dtype)
             result = await served.engine.logits(tokens, config, deadline=deadline_of(context))
             metadata = convert.metadata_to_proto(result.timing)
@@ -174,7 +168,7 @@ class ESMCServicer(pb_grpc.ESMCServicer):
     async def ForwardAndSample(self, request: pb.ForwardAndSampleRequest, context):
         async def handler():
             served = self._ready
-            tokens = convert.tokens_from_request(request, self._max_length)
+            tokens = convert.tokens_from_request(request, served.model.config.max_length)
             sampling = convert.sampling_config_from_request(request)
             dtype = convert.output_dtype(request.output_dtype)
             output, timing = await served.engine.forward_and_sample(
@@ -239,8 +233,8 @@ class ESMCServicer(pb_grpc.ESMCServicer):
         code = "OK"
         try:
             served = self._ready
-            tokens = convert.tokens_from_request(request, self._max_length)
-            config = convert.embed_config_from_proto(request, self._n_layers)
+            tokens = convert.tokens_from_request(request, served.model.config.max_length)
+            config = convert.embed_config_from_proto(request, served.model.config.n_layers)
             dtype = convert.output_dtype(request.output_dtype)
             result = await served.engine.logits(tokens, config, deadline=deadline)
             return pb.EmbedResponse(
@@ -298,7 +292,7 @@ class ESMCServicer(pb_grpc.ESMCServicer):
         self, request: pb.GenerateRequest, context
     ) -> AsyncIterator[pb.GenerateResponse]:
         served = self._ready
-        tokens = convert.tokens_from_request(request, self._max_length)
+        tokens = convert.tokens_from_request(request, served.model.config.max_length)
         if not bool((tokens[1:-1] == tokenizer.MASK_ID).any()):
             raise InvalidRequest(
                 "protein has no masked position ('_' or <mask>): there is nothing to generate"
