@@ -60,7 +60,8 @@ class Recorder(EngineObserver):
         self.hooks.append(("batch", sequences))
 
     def on_queue_depth(self, n):
-        self.hooks.append(("depth", n))
+        if threading.current_thread().name == "esmc-device":  # scheduled, not submitted
+            self.hooks.append(("depth", n))
 
     def on_active_generations(self, n):
         self.go.wait()
@@ -163,8 +164,8 @@ async def test_64_concurrent_calls_ride_in_few_forwards(model, make_engine):
 
 
 async def test_next_batch_is_collated_while_the_current_forward_runs(make_engine):
-    """The depth hook fires when a batch is scheduled: the (E, F) batch is scheduled and
-    collated during the (C, D) forward, before that pass hands its results back."""
+    """On the device thread the depth hook fires when a batch is scheduled: the (E, F) batch
+    is scheduled and collated during the (C, D) forward, before that pass hands back."""
     recorder = Recorder(hold=True)
     engine = await make_engine(observer=recorder, max_batch_size=2, max_wait_ms=FOREVER_MS)
     config = LogitsConfig(sequence=True)
@@ -186,7 +187,8 @@ async def test_cancelled_request_never_reaches_a_forward(model, make_engine):
     a, b, c = (encode(s) for s in random_sequences([12, 20, 9], seed=4))
     doomed = await started(engine.logits(a, LogitsConfig(sequence=True)))
     doomed.cancel()
-    assert (await asyncio.gather(doomed, return_exceptions=True))[0].__class__ is asyncio.CancelledError
+    (outcome,) = await asyncio.gather(doomed, return_exceptions=True)
+    assert isinstance(outcome, asyncio.CancelledError)
     rb, rc = await asyncio.gather(
         engine.logits(b, LogitsConfig(sequence=True)), engine.logits(c, LogitsConfig(sequence=True))
     )
@@ -225,7 +227,8 @@ async def test_full_queue_raises_queue_full_at_once(make_engine):
 async def test_invalid_layer_and_configs_raise_invalid_request_before_queueing(make_engine):
     engine = await make_engine()
     with pytest.raises(InvalidRequest, match="ith_hidden_layer=5"):
-        await engine.logits(encode("MKT"), LogitsConfig(return_hidden_states=True, ith_hidden_layer=5))
+        bad_layer = LogitsConfig(return_hidden_states=True, ith_hidden_layer=5)
+        await engine.logits(encode("MKT"), bad_layer)
     with pytest.raises(InvalidRequest, match="no masks"):
         engine.generate(encode("MKT"), GenerationConfig(num_steps=2), 0)
     with pytest.raises(InvalidRequest, match="num_steps"):
@@ -248,7 +251,8 @@ async def test_stop_finishes_in_flight_work_then_refuses(model, make_engine):
         assert_same(call.result().output, run_logits(model, [encode(sequence)], [FULL])[0])
     steps = events.result()
     assert len(steps) == 3 and steps[-1].final
-    assert steps[-1].step.sequence_tokens == tuple(generate(model, prompt, GenerationConfig(num_steps=3), 11).sequence.tolist())
+    alone = generate(model, prompt, GenerationConfig(num_steps=3), 11).sequence
+    assert steps[-1].step.sequence_tokens == tuple(alone.tolist())
     with pytest.raises(Unavailable):
         await engine.logits(encode("MKT"), FULL)
 
@@ -356,7 +360,8 @@ async def test_16_concurrent_generations_equal_runs_alone_in_few_forwards(model,
     await engine.stop(grace_s=30.0)  # the device thread has finished its last pass
     # every active generation rides in every forward and leaves when done
     assert engine.stats.forwards == max(steps)
-    assert [b[2] for b in recorder.batches] == [sum(n > k for n in steps) for k in range(max(steps))]
+    still_active = [sum(n > k for n in steps) for k in range(max(steps))]
+    assert [b[2] for b in recorder.batches] == still_active
     assert engine.stats.generation_steps == sum(steps) > 4 * engine.stats.forwards
     assert engine.stats.steps_per_generation_forward == sum(steps) / max(steps)
     assert engine.stats.active_generations == 0

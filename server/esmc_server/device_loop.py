@@ -42,7 +42,11 @@ log = logging.getLogger(__name__)
 
 
 class EngineObserver:
-    """Receives plain numbers for metrics, on the device thread. Every method is a no-op here."""
+    """Receives plain numbers for metrics. Every method is a no-op here.
+
+    Hooks run on the device thread, except ``on_queue_depth``, which a submission also calls
+    on the caller's thread: keep them cheap and thread-safe (Prometheus metrics are).
+    """
 
     def on_batch(
         self,
@@ -120,14 +124,17 @@ class DeviceLoop:
             if self._state != RUNNING:
                 raise Unavailable("the engine is not accepting work (starting or shutting down)")
             waiting = self._waiting_unary + len(self._generations)
-            if waiting >= self._limits.max_queue:
-                raise QueueFull(f"{waiting} requests are waiting (max_queue={self._limits.max_queue})")
+            limit = self._limits.max_queue
+            if waiting >= limit:
+                raise QueueFull(f"{waiting} requests are waiting (max_queue={limit})")
             self._pending[work.key] = work
             if generation:
                 self._generations.add(work.key)
             else:
                 self._waiting_unary += 1
+            depth = self.stats.queue_depth = len(self._pending)
             self._cond.notify()
+        self._notify("on_queue_depth", depth)
 
     def wake(self) -> None:
         with self._cond:
