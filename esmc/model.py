@@ -161,7 +161,9 @@ class ESMC(nn.Module):
                 masked_mean(out.embeddings, residues) if config.return_mean_embedding else None
             ),
             mean_hidden_states=(
-                masked_mean(out.hidden_states, residues) if config.return_mean_hidden_states else None
+                masked_mean(out.hidden_states, residues)
+                if config.return_mean_hidden_states
+                else None
             ),
         )
 

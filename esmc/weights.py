@@ -179,7 +179,10 @@ def hub_error(repo_id: str, revision: str | None, exc: Exception) -> WeightsErro
     from huggingface_hub import errors
 
     url = f"https://huggingface.co/{repo_id}"
-    login = "log in with `huggingface-cli login` (or `hf auth login`), set HF_TOKEN, or pass token=..."
+    login = (
+        "log in with `huggingface-cli login` (or `hf auth login`), set HF_TOKEN, "
+        "or pass token=..."
+    )
     if isinstance(exc, errors.GatedRepoError):
         return WeightsError(
             f"{repo_id} is a gated repository: accept its licence at {url} with your account, "
@@ -227,7 +230,10 @@ def load_local(
     name: str = "custom",
     filename: str | None = None,
 ) -> ESMC:
-    """Load a local weight file, or a directory laid out like a hub repo (``filename`` inside it)."""
+    """Load a local weight file, or a directory laid out like a hub repo.
+
+    ``filename``: the weight file inside the directory, when the caller knows it.
+    """
     files, config_path = checkpoint_files(path, filename)
     with open_checkpoint(files) as reader:
         layout = detect_layout(reader.keys())
@@ -353,7 +359,10 @@ def _add_torch(reader: CheckpointReader, path: Path) -> None:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # unpickling raises many kinds
         raise WeightsError(f"cannot read weights from {path}: {exc}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    tensors_only = isinstance(state, Mapping) and all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    )
+    if not tensors_only:
         raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     for key, tensor in state.items():
         reader.add(key, tuple(tensor.shape), functools.partial(_identity, tensor))
@@ -375,7 +384,10 @@ def _read(reader: CheckpointReader, sources: list[str]) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """``pattern`` (a full key) -> ``target`` (our name, ``\\g<i>`` = block); part ``part`` of ``parts``."""
+    """A checkpoint key ``pattern`` (full match) -> our name ``target`` (``\\g<i>``: the block).
+
+    ``part`` of ``parts``: the position of this key among the tensors packed into ``target``.
+    """
 
     pattern: re.Pattern
     target: str
@@ -395,7 +407,10 @@ RULES: dict[str, list[Rule]] = {
     "research": _rules(
         (r"esmc\.embed\.weight", "embed.weight"),
         (r"esmc\.transformer\.norm\.weight", "transformer.norm.weight"),
-        (_RESEARCH + r"\.attn\.layernorm_qkv\.layer_norm_(?P<p>weight|bias)", _BLOCK + r".attn.layernorm_qkv.0.\g<p>"),
+        (
+            _RESEARCH + r"\.attn\.layernorm_qkv\.layer_norm_(?P<p>weight|bias)",
+            _BLOCK + r".attn.layernorm_qkv.0.\g<p>",
+        ),
         (_RESEARCH + r"\.attn\.layernorm_qkv\.weight", _BLOCK + ".attn.layernorm_qkv.1.weight"),
         (_RESEARCH + r"\.attn\.(?P<m>q_ln|k_ln|out_proj)\.weight", _BLOCK + r".attn.\g<m>.weight"),
         (_RESEARCH + r"\.ffn\.layer_norm_(?P<p>weight|bias)", _BLOCK + r".ffn.0.\g<p>"),

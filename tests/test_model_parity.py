@@ -121,7 +121,9 @@ def reference_input(sequence: torch.Tensor):
 @pytest.mark.parametrize("layer", [-1, 0, 2, -2])
 @pytest.mark.parametrize("batched", [False, True])
 def test_logits_call_matches_reference(model, reference, tokens, layer, batched):
-    fields = dict(sequence=True, return_embeddings=True, return_hidden_states=True, ith_hidden_layer=layer)
+    fields = dict(
+        sequence=True, return_embeddings=True, return_hidden_states=True, ith_hidden_layer=layer
+    )
     sequence = pad(tokens) if batched else tokens[2]
     ours = model.logits(ESMProteinTensor(sequence=sequence), LogitsConfig(**fields))
     theirs = reference.logits(reference_input(sequence), reference_logits_config(**fields))

@@ -208,8 +208,9 @@ def test_missing_key(source, tmp_path):
     state = legacy_state_dict(source)
     del state["transformer.blocks.1.ffn.3.weight"]
     write_pth(tmp_path, state)
-    with pytest.raises(WeightsError, match=r"missing keys \(1\): transformer\.blocks\.1\.ffn\.3\.weight"):
+    with pytest.raises(WeightsError) as info:
         load_pretrained(tmp_path)
+    assert "missing keys (1): transformer.blocks.1.ffn.3.weight" in str(info.value)
 
 
 def test_unexpected_key(source, tmp_path):

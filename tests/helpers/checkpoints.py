@@ -77,12 +77,13 @@ def research_state_dict(model: ESMC) -> dict[str, torch.Tensor]:
     state = {research_key(k): v for k, v in legacy_state_dict(model).items()}
     for i in range(model.config.n_layers):
         for module in ("attn.layernorm_qkv", "attn.out_proj", "ffn"):
-            state[f"esmc.transformer.blocks.{i}.{module}._extra_state"] = torch.empty(0, dtype=torch.uint8)
+            key = f"esmc.transformer.blocks.{i}.{module}._extra_state"
+            state[key] = torch.empty(0, dtype=torch.uint8)
     return state
 
 
 def write_research_repo(model: ESMC, root: Path, shards: int = 1) -> Path:
-    """``model.safetensors`` (or ``shards`` files plus an index) and config.json (d_model spelling)."""
+    """``model.safetensors`` (or ``shards`` files and an index), config.json in d_model spelling."""
     root.mkdir(parents=True, exist_ok=True)
     state = research_state_dict(model)
     config = {"architectures": ["ESMCForMaskedLM"], "model_type": "esmc", **shape_config(model)}
@@ -103,7 +104,8 @@ def write_sharded(state: dict[str, torch.Tensor], root: Path, shards: int) -> No
         part = {k: state[k] for k in keys[s::shards]}
         save_file(part, str(root / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
-    index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}
+    total = sum(t.nbytes for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (root / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
@@ -160,7 +162,7 @@ def transformers_model(model: ESMC):
 
 
 def write_transformers_repo(model: ESMC, root: Path, max_shard_size: str = "300KB") -> Path:
-    """``save_pretrained`` of the EsmcForMaskedLM: its true layout, sharded, hidden_size spelling."""
+    """``save_pretrained`` of an EsmcForMaskedLM: its true layout, sharded, hidden_size spelling."""
     transformers_model(model).save_pretrained(root, max_shard_size=max_shard_size)
     return root
 
