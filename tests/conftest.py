@@ -10,6 +10,11 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     # Read by huggingface_hub when it is first imported, which happens after this hook.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Tiny models run fastest on one thread, and the in-process servers' device threads do
+    # not then compete with torch's intra-op pool on the 2-core CI machine.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

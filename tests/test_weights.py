@@ -289,8 +289,6 @@ def test_shipped_weights_missing(monkeypatch, tmp_path):
 
 
 def test_shipped_tiny_model_loads():
-    if not (weights.SHIPPED_DIR / "esmc-tiny.safetensors").is_file():
-        pytest.skip("esmc-tiny has not been trained into the package yet")
     model = load_pretrained("esmc-tiny")
     assert model.config == ESMCConfig(d_model=192, n_heads=3, n_layers=4, name="esmc-tiny")
     assert not model.training
