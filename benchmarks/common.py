@@ -1,17 +1,32 @@
-"""Helpers shared by the benchmark commands: workload, device, timing, table and JSON output."""
+"""Helpers shared by the benchmark commands: workload, device, timing, table and JSON output,
+and a model served by ``esmc serve`` in its own process."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
+from esmc.config import CONFIGS, get_config
 from esmc.fasta import read_fasta
+from esmc.model import ESMC
+from esmc.weights import SHIPPED_MODELS, WeightsError, save_safetensors, shipped_weights
 
 LONG_POLICIES = ("crop", "skip")
 
@@ -130,3 +145,134 @@ def emit(lines: Sequence[str], payload: dict, json_path: str | Path | None) -> N
     print(text)
     if json_path is not None:
         Path(json_path).write_text(text + "\n")
+
+
+# -- a served model (bench_load, bench_generation) --------------------------------------------
+
+WEIGHT_MODES = ("auto", "pretrained", "random")
+
+
+def weights_to_serve(model: str, mode: str, directory: Path, seed: int = 0) -> tuple[str, str]:
+    """What ``esmc serve --model`` gets, and a line saying which weights those are.
+
+    ``auto``: the real weights of a local path, a hub repo id or a shipped model whose file
+    exists; random weights for any other registry name (e.g. ``esmc-300m``: no download).
+    ``random``: a registry config with random weights written to ``directory``.
+    """
+    if mode == "pretrained" or (mode == "auto" and _has_local_or_repo_weights(model)):
+        return model, f"weights: {model} (pretrained)"
+    if model not in CONFIGS:
+        raise ValueError(f"random weights need a registry name ({', '.join(CONFIGS)}), got {model!r}")
+    torch.manual_seed(seed)
+    path = Path(directory) / "model.safetensors"
+    save_safetensors(ESMC(get_config(model)), path)
+    note = f"weights: random, {model} config, seed {seed} (speed does not depend on weight values)"
+    return str(path), note
+
+
+def _has_local_or_repo_weights(model: str) -> bool:
+    if model in SHIPPED_MODELS:
+        try:
+            shipped_weights(model)
+        except WeightsError:
+            return False
+        return True
+    return model not in CONFIGS  # a path or a hub repo id: served as given
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """A running ``esmc serve`` process: its gRPC target and its Prometheus URL."""
+
+    target: str
+    metrics_url: str
+    command: tuple[str, ...]
+
+
+@contextlib.contextmanager
+def serve(model: str, options: Sequence[str] = (), ready_s: float = 900.0) -> Iterator[ServedModel]:
+    """Run ``esmc serve --model MODEL *options`` in its own process until the block ends.
+
+    Yields once gRPC health says SERVING (model loaded and warmed up); SIGTERM at the end.
+    """
+    port, metrics_port = free_ports(2)
+    command = (
+        sys.executable, "-m", "esmc_server.cli", "serve", "--model", model, "--host", "127.0.0.1",
+        "--port", str(port), "--metrics-port", str(metrics_port), "--log-level", "WARNING",
+        *options,
+    )
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            target = f"127.0.0.1:{port}"
+            _wait_serving(process, target, log, ready_s)
+            yield ServedModel(target, f"http://127.0.0.1:{metrics_port}/metrics", command)
+        finally:
+            _terminate(process)
+
+
+def _wait_serving(process: subprocess.Popen, target: str, log, ready_s: float) -> None:
+    deadline = time.monotonic() + ready_s
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                log.seek(0)
+                output = log.read().decode(errors="replace")[-4000:]
+                raise RuntimeError(f"esmc serve exited with {process.returncode}:\n{output}")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"esmc serve on {target} was not SERVING after {ready_s:.0f} s")
+
+
+def _terminate(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """The unlabelled samples of a Prometheus endpoint, e.g. ``{"esmc_forwards_total": 12.0}``."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+def counter_deltas(before: dict[str, float], after: dict[str, float], names: Sequence[str]) -> dict:
+    """How much each counter in ``names`` grew between two scrapes (as integers)."""
+    return {name: round(after.get(name, 0.0) - before.get(name, 0.0)) for name in names}
+
+
+def percentile_ms(seconds: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100, linear interpolation) of ``seconds``, in milliseconds."""
+    ordered = sorted(seconds)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return 1000 * (ordered[low] + (ordered[high] - ordered[low]) * (position - low))
