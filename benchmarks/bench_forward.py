@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
+from esmc.runtime import keep_freed_memory
 from esmc.config import get_config
 from esmc.inference import autocast_for
 from esmc.model import ESMC, ESMCOutput
@@ -264,6 +265,7 @@ def table_lines(config_name: str, rows: list[dict]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    keep_freed_memory()
     device = common.resolve_device(args.device)
     dtype = weights_dtype(args.dtype, device)
     model = build_model(args.config, device, dtype, args.seed)

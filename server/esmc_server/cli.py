@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from esmc.runtime import keep_freed_memory
 from esmc_server.app import create_server
 from esmc_server.config import DEVICES, DTYPES, ServerConfig
 
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         log.error("invalid settings: %s", e)
         return 2
+    keep_freed_memory()
     try:
         asyncio.run(serve(config))
     except (ValueError, OSError) as e:  # weights not found or unusable, port taken, ...
