@@ -21,6 +21,7 @@ Modes, in this order:
   step count. Forwards are packed like the server's (``--lockstep-forward padded`` pads, as the
   reference does) and split by the server's token budget.
 
+Before timing, each mode runs one untimed step of every prompt (all at once).
 Counted: steps (the steps generations took: the work asked for), forwards (server modes: the
 server's ``esmc_forwards_total`` counter; lockstep: this loop's), and sequence-steps computed
 (sequences summed over forwards: lockstep computes finished prompts too). Steps/s and proteins/s
@@ -140,7 +141,8 @@ async def run_server_mode(
     served: common.ServedModel, prompts: list[Prompt], concurrent: bool, args: argparse.Namespace
 ) -> Outcome:
     async with AsyncESMCClient(served.target) as client:
-        await stream_one(client, dataclasses.replace(prompts[0], num_steps=1), args)  # untimed
+        warm = [dataclasses.replace(p, num_steps=1) for p in prompts]  # untimed: one step each
+        await asyncio.gather(*(stream_one(client, p, args) for p in warm))
         before = await asyncio.to_thread(common.scrape_metrics, served.metrics_url)
         start = time.perf_counter()
         if concurrent:
@@ -180,18 +182,20 @@ def step_logits(model: ESMC, tokens: list[torch.Tensor], budget: int, packed: bo
     return logits, len(batches)
 
 
+def new_state(prompt: Prompt, args: argparse.Namespace) -> GenerationState:
+    return GenerationState(ESMProtein(sequence=prompt.masked), library_config(prompt, args),
+                           prompt.seed)
+
+
 def run_lockstep(
     model: ESMC, prompts: list[Prompt], budget: int, args: argparse.Namespace
 ) -> Outcome:
     """All prompts in every forward until the largest step count is done (the reference)."""
     packed = args.lockstep_forward == "packed"
-    warm = GenerationState(ESMProtein(sequence=prompts[0].masked), library_config(prompts[0], args))
-    step_logits(model, [warm.tokens], budget, packed)  # untimed
+    warm = [new_state(p, args) for p in prompts]
+    step_logits(model, [s.tokens for s in warm], budget, packed)  # untimed: one forward
     start = time.perf_counter()
-    states = [
-        GenerationState(ESMProtein(sequence=p.masked), library_config(p, args), p.seed)
-        for p in prompts
-    ]
+    states = [new_state(p, args) for p in prompts]
     forwards = sequence_steps = 0
     for _ in range(max(s.num_steps for s in states)):
         logits, count = step_logits(model, [s.tokens for s in states], budget, packed)
@@ -269,9 +273,10 @@ def header_lines(args: argparse.Namespace, info: ServerInfo, weights_note: str,
     same = [f"{r['mode']} {r['same_proteins_as_continuous']}/{len(prompts)}"
             for r in rows if r["same_proteins_as_continuous"] is not None]
     return [
-        f"# {info.model_name}: {len(prompts)} concurrent generations "
+        f"# {args.model}: {len(prompts)} concurrent generations "
         f"({args.strategy} strategy, temperature {args.temperature:g})",
-        f"server: `esmc serve` subprocess on {info.device} ({info.dtype}), packed "
+        f"server: `esmc serve` subprocess on {info.device} ({info.dtype}), "
+        f"{common.threads_note(args.server_threads)} (lockstep too), packed "
         f"<= {info.batching.max_batch_tokens:,} tokens per forward; "
         f"{common.device_description(torch.device(info.device))}",
         weights_note,
@@ -304,10 +309,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="smallest step count (default: steps / 4, rounded up)")
     parser.add_argument("--strategy", default="random", choices=["random", "entropy"])
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}"
+    )
     parser.add_argument("--lockstep-forward", default="packed", choices=["packed", "padded"])
     parser.add_argument("--device", default="auto", help="server device: auto, cpu or cuda[:i]")
     parser.add_argument("--dtype", default=None, help="server weights dtype (default: its own)")
+    parser.add_argument(
+        "--server-threads", type=int, default=None,
+        help="CPU threads of the server (OMP_NUM_THREADS); default: torch's own choice",
+    )
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the server's")
     parser.add_argument("--seed", type=int, default=0, help="masks, generation seeds, weights")
     parser.add_argument("--json", default=None, help="also write the JSON here")
@@ -336,13 +347,15 @@ def server_options(args: argparse.Namespace) -> list[str]:
 def run_modes(model: str, prompts: list[Prompt], args: argparse.Namespace):
     """Each requested mode's outcome, and the server's info."""
     outcomes = {}
-    with common.serve(model, server_options(args)) as served:
+    with common.serve(model, server_options(args), args.server_threads) as served:
         info = asyncio.run(server_info(served.target))
         for mode in ("continuous", "sequential"):
             if mode in args.modes:
                 concurrent = mode == "continuous"
                 outcomes[mode] = asyncio.run(run_server_mode(served, prompts, concurrent, args))
     if "lockstep" in args.modes:  # after the server stopped: the two never share the device
+        if args.server_threads is not None:
+            torch.set_num_threads(args.server_threads)
         local = load_local_model(model, info)
         outcomes["lockstep"] = run_lockstep(local, prompts, info.batching.max_batch_tokens, args)
     return outcomes, info
@@ -364,10 +377,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ]
     payload = {
         "benchmark": "generation",
-        "model": info.model_name,
+        "model": args.model,
         "weights": weights_note,
-        "server": {"device": info.device, "dtype": info.dtype, "process": "esmc serve",
-                   "max_batch_tokens": info.batching.max_batch_tokens},
+        "server": {
+            "device": info.device, "dtype": info.dtype, "process": "esmc serve",
+            "threads": args.server_threads, "max_batch_tokens": info.batching.max_batch_tokens,
+        },
         "device": common.device_description(torch.device(info.device)),
         "fasta": str(args.fasta),
         "generations": len(prompts),

@@ -117,7 +117,7 @@ def run_mode(
     model: str, mode: str, records: list[tuple[str, str]], args: argparse.Namespace
 ) -> tuple[dict, ServerInfo, Workload]:
     """Start a server for ``mode``, send it ``records`` (fitted to its limit), stop it."""
-    with common.serve(model, server_options(mode, args)) as served:
+    with common.serve(model, server_options(mode, args), args.server_threads) as served:
         info = asyncio.run(server_info(served.target))
         workload = fit_workload(records, info.max_length - 2, args.long)
         calls, seconds, counters = asyncio.run(
@@ -216,10 +216,10 @@ def header_lines(
     lengths = [len(s) + 2 for _, s in workload.records]
     device = torch.device(info.device)
     return [
-        f"# {info.model_name}: load benchmark, {args.clients} concurrent clients, "
+        f"# {args.model}: load benchmark, {args.clients} concurrent clients, "
         f"one protein per Logits call ({args.output})",
-        f"server: `esmc serve` subprocess on {info.device} ({info.dtype}); "
-        f"{common.device_description(device)}",
+        f"server: `esmc serve` subprocess on {info.device} ({info.dtype}), "
+        f"{common.threads_note(args.server_threads)}; {common.device_description(device)}",
         weights_note,
         f"workload: {Path(args.fasta).name}, {len(workload.records)} proteins, "
         f"{sum(lengths):,} tokens (BOS/EOS included), median {statistics.median(lengths):.0f}, "
@@ -244,9 +244,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="first N proteins only")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
     parser.add_argument("--output", default="mean_embedding", choices=list(OUTPUTS))
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}"
+    )
     parser.add_argument("--device", default="auto", help="server device: auto, cpu or cuda[:i]")
     parser.add_argument("--dtype", default=None, help="server weights dtype (default: its own)")
+    parser.add_argument(
+        "--server-threads", type=int, default=None,
+        help="CPU threads of the server (OMP_NUM_THREADS); default: torch's own choice",
+    )
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the server's")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="default: the server's")
     parser.add_argument(
@@ -278,9 +284,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     payload = {
         "benchmark": "load",
-        "model": info.model_name,
+        "model": args.model,
         "weights": weights_note,
-        "server": {"device": info.device, "dtype": info.dtype, "process": "esmc serve"},
+        "server": {
+            "device": info.device, "dtype": info.dtype, "process": "esmc serve",
+            "threads": args.server_threads,
+        },
         "device": common.device_description(torch.device(info.device)),
         "output": args.output,
         "clients": args.clients,

@@ -162,7 +162,8 @@ def weights_to_serve(model: str, mode: str, directory: Path, seed: int = 0) -> t
     if mode == "pretrained" or (mode == "auto" and _has_local_or_repo_weights(model)):
         return model, f"weights: {model} (pretrained)"
     if model not in CONFIGS:
-        raise ValueError(f"random weights need a registry name ({', '.join(CONFIGS)}), got {model!r}")
+        names = ", ".join(CONFIGS)
+        raise ValueError(f"random weights need a registry name ({names}), got {model!r}")
     torch.manual_seed(seed)
     path = Path(directory) / "model.safetensors"
     save_safetensors(ESMC(get_config(model)), path)
@@ -202,9 +203,12 @@ class ServedModel:
 
 
 @contextlib.contextmanager
-def serve(model: str, options: Sequence[str] = (), ready_s: float = 900.0) -> Iterator[ServedModel]:
+def serve(
+    model: str, options: Sequence[str] = (), threads: int | None = None, ready_s: float = 900.0
+) -> Iterator[ServedModel]:
     """Run ``esmc serve --model MODEL *options`` in its own process until the block ends.
 
+    ``threads`` sets the server's CPU threads (``OMP_NUM_THREADS``; None: torch's default).
     Yields once gRPC health says SERVING (model loaded and warmed up); SIGTERM at the end.
     """
     port, metrics_port = free_ports(2)
@@ -214,13 +218,21 @@ def serve(model: str, options: Sequence[str] = (), ready_s: float = 900.0) -> It
         *options,
     )
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        env = dict(os.environ)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             target = f"127.0.0.1:{port}"
             _wait_serving(process, target, log, ready_s)
             yield ServedModel(target, f"http://127.0.0.1:{metrics_port}/metrics", command)
         finally:
             _terminate(process)
+
+
+def threads_note(threads: int | None) -> str:
+    """How many CPU threads a served model was given, in words."""
+    return "torch's default CPU threads" if threads is None else f"OMP_NUM_THREADS={threads}"
 
 
 def _wait_serving(process: subprocess.Popen, target: str, log, ready_s: float) -> None:
