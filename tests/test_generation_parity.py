@@ -53,14 +53,6 @@ PROMPTS = _prompts()
 STEPS = (1, 3, 8, 20)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models() -> tuple[ReferenceESMC, ESMC]:
     torch.manual_seed(0)

@@ -27,14 +27,6 @@ from esmc.types import GenerationConfig, SamplingConfig, SamplingTrackConfig
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only contend on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 TOTALS = (1, 2, 3, 5, 7, 10, 20, 33, 64, 100, 257, 1000)
 STEP_COUNTS = (1, 2, 3, 4, 5, 8, 10, 20, 50)
 
