@@ -295,12 +295,7 @@ def header_lines(args: argparse.Namespace, info: ServerInfo, weights_note: str,
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="esmc-tiny", help="registry name, hub repo id or path")
-    parser.add_argument(
-        "--weights", default="auto", choices=common.WEIGHT_MODES,
-        help="auto: real weights when at hand (path, repo id, shipped esmc-tiny), else random",
-    )
-    parser.add_argument("--fasta", default="../shared/data/proteome.fasta")
+    common.add_served_model_arguments(parser)
     parser.add_argument("--n", type=int, default=16, help="generations")
     parser.add_argument("--max-residues", type=int, default=200, help="prompts cropped to this")
     parser.add_argument("--mask-fraction", type=float, default=0.3)
@@ -313,19 +308,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}"
     )
     parser.add_argument("--lockstep-forward", default="packed", choices=["packed", "padded"])
-    parser.add_argument("--device", default="auto", help="server device: auto, cpu or cuda[:i]")
-    parser.add_argument("--dtype", default=None, help="server weights dtype (default: its own)")
-    parser.add_argument(
-        "--server-threads", type=int, default=None,
-        help="CPU threads of the server (OMP_NUM_THREADS); default: torch's own choice",
-    )
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the server's")
     parser.add_argument("--seed", type=int, default=0, help="masks, generation seeds, weights")
-    parser.add_argument("--json", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not args.modes or set(args.modes) - set(MODES):
-        parser.error(f"--modes must be a subset of {MODES}, got {args.modes}")
+    args.modes = common.parse_modes(parser, args.modes, MODES)
     if args.min_steps is None:
         args.min_steps = -(-args.steps // 4)
     if not 1 <= args.min_steps <= args.steps:

@@ -235,36 +235,21 @@ def header_lines(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="esmc-tiny", help="registry name, hub repo id or path")
-    parser.add_argument(
-        "--weights", default="auto", choices=common.WEIGHT_MODES,
-        help="auto: real weights when at hand (path, repo id, shipped esmc-tiny), else random",
-    )
-    parser.add_argument("--fasta", default="../shared/data/proteome.fasta")
+    common.add_served_model_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="first N proteins only")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
     parser.add_argument("--output", default="mean_embedding", choices=list(OUTPUTS))
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}"
     )
-    parser.add_argument("--device", default="auto", help="server device: auto, cpu or cuda[:i]")
-    parser.add_argument("--dtype", default=None, help="server weights dtype (default: its own)")
-    parser.add_argument(
-        "--server-threads", type=int, default=None,
-        help="CPU threads of the server (OMP_NUM_THREADS); default: torch's own choice",
-    )
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the server's")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="default: the server's")
     parser.add_argument(
         "--long", default="crop", choices=common.LONG_POLICIES,
         help="sequences over the model's limit: crop them (default) or skip them",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
-    parser.add_argument("--json", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not args.modes or set(args.modes) - set(MODES):
-        parser.error(f"--modes must be a subset of {MODES}, got {args.modes}")
+    args.modes = common.parse_modes(parser, args.modes, MODES)
     if args.clients < 1:
         parser.error("--clients must be >= 1")
     return args

@@ -288,3 +288,29 @@ def percentile_ms(seconds: Sequence[float], q: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return 1000 * (ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
+def add_served_model_arguments(parser) -> None:
+    """The flags both service benchmarks share: which weights to serve, on what, and the data."""
+    parser.add_argument("--model", default="esmc-tiny", help="registry name, hub repo id or path")
+    parser.add_argument(
+        "--weights", default="auto", choices=WEIGHT_MODES,
+        help="auto: real weights when at hand (path, repo id, shipped esmc-tiny), else random",
+    )
+    parser.add_argument("--fasta", default="../shared/data/proteome.fasta")
+    parser.add_argument("--device", default="auto", help="server device: auto, cpu or cuda[:i]")
+    parser.add_argument("--dtype", default=None, help="server weights dtype (default: its own)")
+    parser.add_argument(
+        "--server-threads", type=int, default=None,
+        help="CPU threads of the server (OMP_NUM_THREADS); default: torch's own choice",
+    )
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the server's")
+    parser.add_argument("--json", default=None, help="also write the JSON here")
+
+
+def parse_modes(parser, text: str, modes: tuple[str, ...]) -> list[str]:
+    """A comma-separated subset of ``modes``; an argparse error otherwise."""
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    if not chosen or set(chosen) - set(modes):
+        parser.error(f"--modes must be a subset of {modes}, got {chosen}")
+    return chosen
