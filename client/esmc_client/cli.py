@@ -27,6 +27,14 @@ import numpy as np
 from esmc_client.channel import DEFAULT_TARGET
 from esmc_client.client import ESMCClient
 from esmc_client.fasta import read_fasta
+from esmc_client.security import (
+    TLS_CA_ENV,
+    TLS_CERT_ENV,
+    TLS_ENV,
+    TLS_KEY_ENV,
+    TOKEN_ENV,
+    env_flag,
+)
 from esmc_client.types import EmbedResult, ESMCError, GenerationConfig, LogitsConfig
 
 TARGET_ENV = "ESMC_TARGET"
@@ -55,6 +63,7 @@ def build_parser(default_target: str = DEFAULT_TARGET) -> argparse.ArgumentParse
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", default=default_target, help="server, host:port or dns:///...")
     common.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+    add_security_flags(common)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("serve", help="run the server (all options: esmc serve --help)")
 
@@ -114,7 +123,7 @@ def serve(argv: list[str]) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with ESMCClient(args.target) as client:
+    with connect(args) as client:
         info = asdict(client.info(timeout=args.timeout))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -132,7 +141,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print(f"esmc embed: no sequences in {args.fasta}", file=sys.stderr)
         return 1
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    with ESMCClient(args.target) as client:
+    with connect(args) as client:
         results = client.embed(
             records,
             layer=args.layer,
@@ -158,7 +167,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_logits(args: argparse.Namespace) -> int:
-    with ESMCClient(args.target) as client:
+    with connect(args) as client:
         vocabulary = client.info(timeout=args.timeout).vocabulary
         tokens = client.encode(args.sequence, timeout=args.timeout)
         out = client.logits(tokens, LogitsConfig(sequence=True), output_dtype=args.dtype,
@@ -183,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature_annealing=args.annealing,
         top_p=args.top_p,
     )
-    with ESMCClient(args.target) as client:
+    with connect(args) as client:
         steps = client.generate_stream(args.prompt, config, args.seed, timeout=args.timeout)
         for step in steps:
             if step.final:
@@ -196,6 +205,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def add_security_flags(parser: argparse.ArgumentParser, environ=os.environ) -> None:
+    """``--token``, ``--tls``, ``--tls-ca/-cert/-key``, defaulting to ``ESMC_TOKEN``/``ESMC_TLS*``."""
+    parser.add_argument("--token", default=environ.get(TOKEN_ENV),
+                        help=f"bearer token sent with every call (default ${TOKEN_ENV})")
+    parser.add_argument("--tls", action=argparse.BooleanOptionalAction,
+                        default=env_flag(environ, TLS_ENV),
+                        help=f"TLS channel (default ${TLS_ENV}, else on when a --tls-* file is given)")
+    parser.add_argument("--tls-ca", default=environ.get(TLS_CA_ENV),
+                        help=f"PEM CA of the server's certificate (default ${TLS_CA_ENV}; "
+                        "none: the system's roots)")
+    parser.add_argument("--tls-cert", default=environ.get(TLS_CERT_ENV),
+                        help=f"PEM client certificate for mutual TLS (default ${TLS_CERT_ENV})")
+    parser.add_argument("--tls-key", default=environ.get(TLS_KEY_ENV),
+                        help=f"PEM key of --tls-cert (default ${TLS_KEY_ENV})")
+
+
+def connect(args: argparse.Namespace) -> ESMCClient:
+    """A client for ``--target`` with the token and TLS settings of ``args``."""
+    try:
+        return ESMCClient(args.target, token=args.token or None, tls=args.tls,
+                          root_certificates=args.tls_ca, client_certificate=args.tls_cert,
+                          client_key=args.tls_key)
+    except ValueError as error:
+        raise ESMCError("INVALID_ARGUMENT", str(error)) from None
+
 
 
 def top_tokens_lines(

@@ -15,6 +15,7 @@ arguments are per-call deadlines in seconds (``None``: no deadline).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_client.bulk import EmbedChunk, make_chunks
 from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, RetryPolicy, channel_options
+from esmc_client.security import auth_metadata, tls_credentials
 from esmc_client.requests import ProteinLike
 from esmc_client.types import (
     EmbedResult,
@@ -56,10 +58,18 @@ class _ClientBase:
         credentials: grpc.ChannelCredentials | None = None,
         wait_for_ready: bool = False,
         options: Sequence[tuple[str, Any]] = (),
+        token: str | None = None,
+        tls: bool | None = None,
+        root_certificates: bytes | str | os.PathLike | None = None,
+        client_certificate: bytes | str | os.PathLike | None = None,
+        client_key: bytes | str | os.PathLike | None = None,
     ):
         self.target = target
         self.retry = retry if retry is not None else RetryPolicy()
         self._wait_for_ready = wait_for_ready
+        self._metadata = auth_metadata(token)
+        if credentials is None:
+            credentials = tls_credentials(tls, root_certificates, client_certificate, client_key)
         channel_args = channel_options(max_message_bytes, self.retry, tuple(options))
         self._channel = self._open_channel(target, credentials, channel_args)
         self._stub = pb_grpc.ESMCStub(self._channel)
@@ -68,7 +78,11 @@ class _ClientBase:
         raise NotImplementedError
 
     def _kwargs(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": timeout, "wait_for_ready": self._wait_for_ready}
+        return {
+            "timeout": timeout,
+            "wait_for_ready": self._wait_for_ready,
+            "metadata": self._metadata,
+        }
 
 
 class ESMCClient(_ClientBase):
@@ -80,9 +94,14 @@ class ESMCClient(_ClientBase):
         max_message_bytes: send and receive limit (the server's default: 512 MiB).
         retry: backoff for ``UNAVAILABLE``/``RESOURCE_EXHAUSTED`` (``RetryPolicy(max_retries=0)``
             turns retries off).
-        credentials: TLS channel credentials; ``None`` for a plaintext channel.
+        credentials: ready-made channel credentials (instead of the TLS arguments below).
         wait_for_ready: calls wait for the server to come up instead of failing at once.
         options: extra gRPC channel arguments.
+        token: sent as ``authorization: Bearer <token>`` with every call.
+        tls: TLS channel (default: when any certificate argument is given).
+        root_certificates: PEM (bytes or a path) of the CA that signed the server's
+            certificate; ``None`` with ``tls=True``: the system's roots.
+        client_certificate, client_key: PEM (bytes or paths) for mutual TLS.
     """
 
     def _open_channel(self, target: str, credentials, options: list) -> grpc.Channel:

@@ -21,6 +21,7 @@ from esmc.model import ESMC
 from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server.config import ServerConfig
 from esmc_server.metrics import Metrics
+from esmc_server.security import Security, connection_options
 from esmc_server.servicer import SERVICE_NAME, ESMCServicer
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Server:
         self.health = health
         self.servicer = servicer
         self.metrics = metrics
+        self.security: Security | None = None
         self.port: int = 0
         self.metrics_port: int | None = None
         self.engine = None
@@ -109,17 +111,25 @@ async def create_server(
     come with ``model``. ``config.port`` 0 binds a free port.
     """
     metrics = Metrics()
-    grpc_server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+    security = Security(
+        config, on_refused=lambda method: metrics.on_request(_short(method), "UNAUTHENTICATED", 0.0)
+    )
+    security.warn_if_unsafe()
+    grpc_server = grpc.aio.server(
+        options=channel_options(config.max_message_bytes) + connection_options(config),
+        interceptors=security.interceptors,
+    )
     health = health_aio.HealthServicer()
     servicer = ESMCServicer(config, metrics)
     server = Server(config, grpc_server, health, servicer, metrics)
+    server.security = security
     await server.set_serving(False)
     pb_grpc.add_ESMCServicer_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
-    server.port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    server.port = security.add_port(grpc_server, f"{config.host}:{config.port}")
     if server.port == 0:
         raise RuntimeError(f"cannot bind {config.host}:{config.port}")
     await grpc_server.start()
@@ -136,6 +146,11 @@ async def create_server(
     servicer.attach(server.engine, server.model)
     await server.set_serving(True)
     return server, server.port
+
+
+def _short(method: str) -> str:
+    """``/esmc.v1.ESMC/Logits`` -> ``Logits`` (the servicer's metric label)."""
+    return method.rsplit("/", 1)[-1]
 
 
 async def _start_engine(server: Server, config: ServerConfig, engine, model: ESMC | None) -> None:

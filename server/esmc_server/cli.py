@@ -48,7 +48,44 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--grace-s", type=float, help="seconds calls in flight get to finish on SIGTERM")
     p.add_argument("--no-warmup", action="store_const", const=True, help="skip the warm-up forward")
     p.add_argument("--log-level", default="INFO")
+    _add_shared_service_flags(p)
     return p
+
+
+def _add_shared_service_flags(p: argparse.ArgumentParser) -> None:
+    """TLS, token auth, connection management (see esmc_server.security)."""
+    g = p.add_argument_group("security and connections (SIGHUP re-reads tokens and TLS files)")
+    g.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (ESMC_TLS_CERT)")
+    g.add_argument("--tls-key", help="PEM private key of --tls-cert (ESMC_TLS_KEY)")
+    g.add_argument(
+        "--tls-client-ca", help="PEM CA: clients must present a cert it signed (mutual TLS)"
+    )
+    g.add_argument(
+        "--auth-tokens-file",
+        help="one token per line: every esmc.v1 call needs 'authorization: Bearer <token>'",
+    )
+    g.add_argument(
+        "--auth-reflection",
+        action="store_const",
+        const=True,
+        help="server reflection needs a token too (health never does)",
+    )
+    g.add_argument(
+        "--max-connection-age-s",
+        type=_seconds_or_off,
+        help="GOAWAY connections after this long so clients re-resolve (default 300; 'off')",
+    )
+    g.add_argument(
+        "--max-connection-age-grace-s", type=float, help="calls in flight at GOAWAY (default 60)"
+    )
+    g.add_argument("--keepalive-time-s", type=float, help="ping idle connections (default 60)")
+    g.add_argument(
+        "--keepalive-timeout-s", type=float, help="close after an unanswered ping (default 20)"
+    )
+
+
+def _seconds_or_off(text: str) -> float | str:
+    return "off" if text.lower() in ("off", "none") else float(text)
 
 
 def _port_or_off(text: str) -> int | str:
@@ -70,11 +107,23 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_message_bytes": args.max_message_bytes,
         "grace_s": args.grace_s,
         "warmup": None if args.no_warmup is None else not args.no_warmup,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "auth_tokens_file": args.auth_tokens_file,
+        "auth_reflection": args.auth_reflection,
+        "max_connection_age_grace_s": args.max_connection_age_grace_s,
+        "keepalive_time_s": args.keepalive_time_s,
+        "keepalive_timeout_s": args.keepalive_timeout_s,
     }
+    if isinstance(args.max_connection_age_s, float):
+        overrides["max_connection_age_s"] = args.max_connection_age_s
     config = ServerConfig.from_env(**overrides)
     if args.metrics_port is not None:  # "off" means None, which from_env reads as "not given"
         port = None if args.metrics_port == "off" else args.metrics_port
         config = dataclasses.replace(config, metrics_port=port)
+    if args.max_connection_age_s == "off":
+        config = dataclasses.replace(config, max_connection_age_s=None)
     return config
 
 
@@ -85,8 +134,12 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.security.reload)
     metrics = f", metrics on port {server.metrics_port}" if server.metrics_port is not None else ""
-    log.info("serving %s on %s:%d%s", config.model, config.host, port, metrics)
+    log.info(
+        "serving %s on %s:%d (%s)%s",
+        config.model, config.host, port, server.security.describe(), metrics,
+    )
     await stop.wait()
     log.info("shutting down: calls in flight get %.1f s", config.grace_s)
     await server.stop(config.grace_s)

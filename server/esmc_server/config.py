@@ -52,6 +52,18 @@ class ServerConfig:
     max_message_bytes: int = 512 * 1024 * 1024
     grace_s: float = 30.0
     warmup: bool = True
+    # --- shared-service settings (security, connections, tracing) ---
+    auth_tokens_file: str | None = None  # one token per line; None: no auth
+    auth_reflection: bool = False  # reflection needs a token too
+    tls_cert: str | None = None  # PEM certificate chain; None: plaintext
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA bundle: clients must present a cert it signed
+    max_connection_age_s: float | None = 300.0  # GOAWAY after this (clients re-resolve); None: never
+    max_connection_age_grace_s: float = 60.0  # calls in flight at GOAWAY get this long
+    keepalive_time_s: float = 60.0  # ping an idle connection this often (finds dead peers)
+    keepalive_timeout_s: float = 20.0  # a ping unanswered this long closes the connection
+    keepalive_permit_without_calls: bool = True  # accept client pings with no call open
+    min_client_ping_interval_s: float = 10.0  # clients pinging faster get GOAWAY too_many_pings
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"port {self.port} is out of range")
@@ -69,6 +81,26 @@ class ServerConfig:
         )
         _check(self.max_message_bytes >= 4 * 1024 * 1024, "max_message_bytes must be >= 4 MiB")
         _check(self.grace_s >= 0, "grace_s must be >= 0")
+        _check(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "tls_cert and tls_key go together (a certificate needs its private key)",
+        )
+        _check(
+            self.tls_client_ca is None or self.tls_cert is not None,
+            "tls_client_ca (mutual TLS) needs tls_cert and tls_key",
+        )
+        _check(
+            self.max_connection_age_s is None or self.max_connection_age_s > 0,
+            "max_connection_age_s must be > 0 (or off)",
+        )
+        for name in ("max_connection_age_grace_s", "min_client_ping_interval_s"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0")
+        for name in ("keepalive_time_s", "keepalive_timeout_s"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> ServerConfig:
@@ -107,6 +139,14 @@ def _parse_optional_str(text: str) -> str | None:
     return None if text.strip().lower() in ("", "none", "auto") else text.strip()
 
 
+def _parse_optional_path(text: str) -> str | None:
+    return None if text.strip().lower() in ("", "none", "off") else text.strip()
+
+
+def _parse_optional_seconds(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "none", "off") else float(text)
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "model": str.strip,
     "host": str.strip,
@@ -122,6 +162,17 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_wait_ms": float,
     "max_queue": int,
     "packed": _parse_bool,
+    "auth_tokens_file": _parse_optional_path,
+    "auth_reflection": _parse_bool,
+    "tls_cert": _parse_optional_path,
+    "tls_key": _parse_optional_path,
+    "tls_client_ca": _parse_optional_path,
+    "max_connection_age_s": _parse_optional_seconds,
+    "max_connection_age_grace_s": float,
+    "keepalive_time_s": float,
+    "keepalive_timeout_s": float,
+    "keepalive_permit_without_calls": _parse_bool,
+    "min_client_ping_interval_s": float,
 }
 
 

@@ -35,3 +35,9 @@ class DeviceOutOfMemory(ServiceError):
     """One sequence alone does not fit on the device."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(ServiceError):
+    """No token, or one the server does not accept (the message never echoes it)."""
+
+    code = "UNAUTHENTICATED"

@@ -1,0 +1,188 @@
+"""Bearer-token auth: a token store re-read on SIGHUP and a gRPC server interceptor.
+
+The tokens file holds one token per line (blank lines and lines starting with ``#`` are
+skipped). Only SHA-256 digests of the tokens are kept in memory, and a presented token is
+compared with every one of them with :func:`hmac.compare_digest`, so the time a check takes
+says nothing about how much of a token matched, nor which one. Tokens are never logged, never
+echoed in an error message and never put in a metric label.
+
+Every RPC needs ``authorization: Bearer <token>`` except ``grpc.health.v1`` (probes must work
+without credentials) and, unless ``protect_reflection``, server reflection. The check itself is
+:meth:`TokenStore.allows` over the header's value, so the HTTP endpoint uses the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from esmc_server.errors import Unauthenticated
+
+log = logging.getLogger(__name__)
+
+AUTHORIZATION = "authorization"
+HEALTH_PREFIX = "/grpc.health.v1."
+REFLECTION_PREFIX = "/grpc.reflection."
+_SCHEME = "bearer"
+
+
+def read_tokens(path: str | os.PathLike) -> list[str]:
+    """The tokens of ``path``: one per line, stripped; blank and ``#`` lines skipped."""
+    with open(path, encoding="utf-8") as handle:
+        lines = (line.strip() for line in handle)
+        return [line for line in lines if line and not line.startswith("#")]
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``authorization`` value ``Bearer <token>`` (scheme case-insensitive)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != _SCHEME or not token:
+        return None
+    return token
+
+
+class TokenStore:
+    """The accepted tokens, read from ``path``; :meth:`reload` re-reads the file.
+
+    Raises ``ValueError`` when the file cannot be read or holds no token (a server that
+    would refuse everybody is a configuration mistake, not a state to serve in).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        self._digests: tuple[bytes, ...] = ()
+        self.reload()
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def reload(self) -> int:
+        """Re-read the file; returns the number of tokens. On error the old tokens stay."""
+        try:
+            tokens = read_tokens(self.path)
+        except OSError as e:
+            raise ValueError(f"cannot read the auth tokens file {self.path}: {e.strerror}") from None
+        if not tokens:
+            raise ValueError(f"the auth tokens file {self.path} holds no token")
+        digests = tuple(dict.fromkeys(_digest(token) for token in tokens))
+        with self._lock:
+            self._digests = digests
+        return len(digests)
+
+    def reload_logged(self) -> None:
+        """:meth:`reload` for a signal handler: logs the outcome (a count, never a token)."""
+        try:
+            count = self.reload()
+        except ValueError as e:
+            log.error("auth tokens not reloaded, the previous ones stay in force: %s", e)
+        else:
+            log.info("auth tokens reloaded from %s: %d token(s)", self.path, count)
+
+    def allows_token(self, token: str | None) -> bool:
+        """Whether ``token`` is one of the tokens; constant time in the token's content."""
+        if not token:
+            return False
+        presented = _digest(token)
+        with self._lock:
+            digests = self._digests
+        matched = False
+        for digest in digests:  # no early exit: every digest is compared
+            matched |= hmac.compare_digest(presented, digest)
+        return matched
+
+    def allows(self, authorization: str | None) -> bool:
+        """Whether an ``authorization`` header value (``Bearer <token>``) is accepted."""
+        return self.allows_token(bearer_token(authorization))
+
+
+def needs_token(method: str, protect_reflection: bool) -> bool:
+    """Whether the full method name (``/package.Service/Method``) requires a token."""
+    if method.startswith(HEALTH_PREFIX):
+        return False
+    if method.startswith(REFLECTION_PREFIX):
+        return protect_reflection
+    return True
+
+
+def _metadata_value(metadata, key: str) -> str | None:
+    for name, value in metadata or ():
+        if name == key:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without an accepted token with ``UNAUTHENTICATED`` before any work.
+
+    ``on_refused(method)`` is called for each refused call (e.g. to count it in metrics).
+    """
+
+    def __init__(
+        self,
+        store: TokenStore,
+        *,
+        protect_reflection: bool = False,
+        on_refused: Callable[[str], None] | None = None,
+    ):
+        self.store = store
+        self.protect_reflection = protect_reflection
+        self.on_refused = on_refused
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or not needs_token(method, self.protect_reflection):
+            return handler
+        header = _metadata_value(handler_call_details.invocation_metadata, AUTHORIZATION)
+        if self.store.allows(header):
+            return handler
+        if self.on_refused is not None:
+            self.on_refused(method)
+        reason = "missing" if header is None else "not accepted"
+        return _refusing_handler(handler, Unauthenticated(_refusal_message(reason)))
+
+
+def _refusal_message(reason: str) -> str:
+    return (
+        f"authorization {reason}: send the metadata 'authorization: Bearer <token>' "
+        "with a token the server accepts"
+    )
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler, error: Unauthenticated):
+    """A handler of the same kind as ``handler`` that aborts with ``error``."""
+    code = grpc.StatusCode[error.code]
+    message = str(error)
+
+    async def refuse(request_or_iterator, context):
+        await context.abort(code, message)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)

@@ -1,0 +1,139 @@
+"""How the gRPC port is exposed: TLS / mutual TLS, token auth, connection management.
+
+- TLS: ``tls_cert`` + ``tls_key`` (PEM); with ``tls_client_ca`` clients must present a
+  certificate signed by that CA (mutual TLS). The files are re-read on SIGHUP together with
+  the tokens (new connections get the new certificate; open ones keep theirs).
+- Tokens: :mod:`esmc_server.auth`.
+- Connections: ``max_connection_age_s`` sends GOAWAY to every connection after that long
+  (plus up to 10% jitter, gRPC's own), so that clients behind a headless Service re-resolve
+  the name and spread over replicas that came up after they connected; calls in flight get
+  ``max_connection_age_grace_s`` to finish. Keepalive pings find dead peers (a replica that
+  vanished without closing its sockets) and keep idle connections through NATs/proxies.
+
+The metrics endpoint is not covered: it stays plaintext HTTP on its own port.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import grpc
+
+from esmc_server.auth import AuthInterceptor, TokenStore
+from esmc_server.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC server arguments for connection age and keepalive."""
+    options = [
+        ("grpc.keepalive_time_ms", _ms(config.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(config.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", int(config.keepalive_permit_without_calls)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(config.min_client_ping_interval_s)),
+    ]
+    if config.max_connection_age_s is not None:
+        options += [
+            ("grpc.max_connection_age_ms", _ms(config.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", _ms(config.max_connection_age_grace_s)),
+        ]
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+class TlsFiles:
+    """The server's certificate, key and optional client CA, re-read by :meth:`reload`."""
+
+    def __init__(self, cert: str, key: str, client_ca: str | None):
+        self.cert, self.key, self.client_ca = cert, key, client_ca
+        self._lock = threading.Lock()
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.initial = self._read()
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca is not None
+
+    def _read(self) -> grpc.ServerCertificateConfiguration:
+        try:
+            chain = Path(self.cert).read_bytes()
+            key = Path(self.key).read_bytes()
+            root = Path(self.client_ca).read_bytes() if self.client_ca else None
+        except OSError as e:
+            raise ValueError(f"cannot read TLS file {e.filename}: {e.strerror}") from None
+        for name, data in (("tls_cert", chain), ("tls_key", key), ("tls_client_ca", root)):
+            if data is not None and b"-----BEGIN" not in data:
+                raise ValueError(f"{name} is not a PEM file")
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root)
+
+    def reload(self) -> None:
+        """Read the files again; the next handshake uses them. On error the old ones stay."""
+        configuration = self._read()
+        with self._lock:
+            self._pending = configuration
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """Called by gRPC before each handshake: a new configuration once, else None."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.initial, self._fetch, require_client_authentication=self.mutual
+        )
+
+
+class Security:
+    """Tokens, TLS files and the interceptors they need, built from the settings."""
+
+    def __init__(self, config: ServerConfig, on_refused=None):
+        self.tokens = TokenStore(config.auth_tokens_file) if config.auth_tokens_file else None
+        self.tls = (
+            TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert
+            else None
+        )
+        self.interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.tokens is not None:
+            self.interceptors.append(
+                AuthInterceptor(
+                    self.tokens, protect_reflection=config.auth_reflection, on_refused=on_refused
+                )
+            )
+
+    def describe(self) -> str:
+        """For the start-up log line, e.g. ``"mutual TLS, 2 token(s)"``."""
+        transport = "plaintext" if self.tls is None else "mutual TLS" if self.tls.mutual else "TLS"
+        auth = "no auth" if self.tokens is None else f"{len(self.tokens)} token(s)"
+        return f"{transport}, {auth}"
+
+    def warn_if_unsafe(self) -> None:
+        if self.tokens is not None and self.tls is None:
+            log.warning(
+                "token auth over plaintext: tokens cross the network in clear; "
+                "add --tls-cert/--tls-key unless a proxy or mesh terminates TLS in front"
+            )
+
+    def add_port(self, grpc_server: grpc.aio.Server, address: str) -> int:
+        if self.tls is None:
+            return grpc_server.add_insecure_port(address)
+        return grpc_server.add_secure_port(address, self.tls.credentials())
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the tokens and TLS files; log what happened (never a token)."""
+        if self.tokens is not None:
+            self.tokens.reload_logged()
+        if self.tls is not None:
+            try:
+                self.tls.reload()
+            except ValueError as e:
+                log.error("TLS files not reloaded, the previous ones stay in force: %s", e)
+            else:
+                log.info("TLS files reloaded; new connections use them")
