@@ -54,6 +54,18 @@ class VariantError(ValueError):
         self.variant = variant
 
 
+class PlanTooLarge(ValueError):
+    """A plan would need more masked copies than allowed."""
+
+    def __init__(self, copies: int, limit: int, variants: int, method: str):
+        super().__init__(
+            f"{variants} variant(s) by {method} need {copies} masked copies (one sequence "
+            f"forward each); the limit is {limit} per request"
+        )
+        self.copies = copies
+        self.limit = limit
+
+
 @dataclasses.dataclass(frozen=True)
 class Substitution:
     wild_type: str  # one letter
@@ -252,11 +264,13 @@ def plan_scores(
     joint_masking: bool = False,
     normalization: str = "full",
     saturation_map: bool = False,
+    max_copies: int | None = None,
 ) -> ScoringPlan:
     """The masked copies that score ``variants`` (and the map, if asked) by ``method``.
 
     Positions no variant touches cost nothing (unless the map is asked for). Raises
-    :class:`VariantError` for a bad variant and ``ValueError`` for a bad wild type or option.
+    :class:`VariantError` for a bad variant, :class:`PlanTooLarge` past ``max_copies`` (checked
+    before the copies are built) and ``ValueError`` for a bad wild type or option.
     """
     _check_options(method, normalization, wild_type)
     parsed = tuple(
@@ -282,6 +296,8 @@ def plan_scores(
         for i in range(L) if saturation_map else ():
             need(0, (i,), (i,))
     else:  # pseudo-likelihood: every position of the wild type and of each distinct mutant
+        distinct = {_mutations(v) for v in parsed} - {()}
+        _check_size((len(distinct) + 1) * L, max_copies, len(parsed), method)
         index = {wild_type: 0}
         for v in parsed:
             index.setdefault(v.apply(wild_type), len(index))
@@ -289,6 +305,7 @@ def plan_scores(
         for s in range(len(sequences)):
             for i in range(L):
                 need(s, (i,), (i,))
+    _check_size(len(wanted), max_copies, len(parsed), method)
     copies = tuple(MaskedCopy(s, masked, tuple(sorted(r))) for (s, masked), r in wanted.items())
     rows = {
         (c.sequence, c.masked, i): (k, row)
@@ -307,9 +324,23 @@ def plan_scores(
     )
 
 
-def plan_pseudo_log_likelihood(sequence: str, normalization: str = "full") -> ScoringPlan:
+def _mutations(variant: Variant) -> tuple[tuple[int, str], ...]:
+    """What a variant changes (synonymous substitutions dropped): equal for equal mutants."""
+    return tuple(sorted((s.index, s.mutant) for s in variant.substitutions if s.mutant != s.wild_type))
+
+
+def _check_size(copies: int, limit: int | None, variants: int, method: str) -> None:
+    if limit is not None and copies > limit:
+        raise PlanTooLarge(copies, limit, variants, method)
+
+
+def plan_pseudo_log_likelihood(
+    sequence: str, normalization: str = "full", max_copies: int | None = None
+) -> ScoringPlan:
     """L copies, one per masked position; the reduce gives the PLL and per-position terms."""
-    return plan_scores(sequence, [], "pseudo-likelihood", normalization=normalization)
+    return plan_scores(
+        sequence, [], "pseudo-likelihood", normalization=normalization, max_copies=max_copies
+    )
 
 
 def _check_options(method: str, normalization: str, wild_type: str) -> None:

@@ -292,3 +292,16 @@ def test_plan_rejects_bad_options():
         plan_scores("MXT", [], normalization="amino-acids")
     with pytest.raises(VariantError, match="'K2A:Q3A'"):
         plan_scores("MKT", ["K2A", "K2A:Q3A"])
+
+
+def test_plan_size_limit_is_checked_before_building():
+    wt = WILD_TYPE
+    singles = scoring.all_single_substitutions(wt)  # 19 L mutants: 19 L^2 + L copies by PLL
+    with pytest.raises(scoring.PlanTooLarge, match=f"{len(singles)} variant") as info:
+        plan_scores(wt, singles, "pseudo-likelihood", max_copies=1000)
+    assert info.value.copies == (len(singles) + 1) * len(wt)
+    assert "the limit is 1000 per request" in str(info.value)
+    plan = plan_scores(wt, singles, "masked-marginals", max_copies=len(wt))
+    assert len(plan.copies) == len(wt)
+    with pytest.raises(scoring.PlanTooLarge):
+        plan_scores(wt, singles, "masked-marginals", max_copies=len(wt) - 1)

@@ -47,6 +47,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-message-bytes", type=int, help="gRPC message size limit, both directions")
     p.add_argument("--grace-s", type=float, help="seconds calls in flight get to finish on SIGTERM")
     p.add_argument("--no-warmup", action="store_const", const=True, help="skip the warm-up forward")
+    p.add_argument(
+        "--max-score-forwards",
+        type=int,
+        help="masked copies (sequence forwards) one ScoreVariants or PseudoLogLikelihood "
+        "request may need (default 20000)",
+    )
     p.add_argument("--log-level", default="INFO")
     _add_shared_service_flags(p)
     return p
@@ -115,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_connection_age_grace_s": args.max_connection_age_grace_s,
         "keepalive_time_s": args.keepalive_time_s,
         "keepalive_timeout_s": args.keepalive_timeout_s,
+        "max_score_forwards": args.max_score_forwards,
     }
     if isinstance(args.max_connection_age_s, float):
         overrides["max_connection_age_s"] = args.max_connection_age_s

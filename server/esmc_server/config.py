@@ -52,6 +52,7 @@ class ServerConfig:
     max_message_bytes: int = 512 * 1024 * 1024
     grace_s: float = 30.0
     warmup: bool = True
+    max_score_forwards: int = 20000  # masked copies one ScoreVariants/PLL request may need
     # --- shared-service settings (security, connections, tracing) ---
     auth_tokens_file: str | None = None  # one token per line; None: no auth
     auth_reflection: bool = False  # reflection needs a token too
@@ -97,6 +98,7 @@ class ServerConfig:
             _check(getattr(self, name) >= 0, f"{name} must be >= 0")
         for name in ("keepalive_time_s", "keepalive_timeout_s"):
             _check(getattr(self, name) > 0, f"{name} must be > 0")
+        _check(self.max_score_forwards >= 1, "max_score_forwards must be >= 1")
 
     @property
     def tls(self) -> bool:
@@ -157,6 +159,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_message_bytes": int,
     "grace_s": float,
     "warmup": _parse_bool,
+    "max_score_forwards": int,
     "max_batch_tokens": int,
     "max_batch_size": int,
     "max_wait_ms": float,

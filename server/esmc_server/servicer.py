@@ -26,6 +26,7 @@ from esmc_server import convert
 from esmc_server.config import ServerConfig
 from esmc_server.errors import InvalidRequest, ServiceError, Unavailable
 from esmc_server.metrics import Metrics
+from esmc_server.scoring import ScoringMethods
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class _Served:
     model: ESMC
 
 
-class ESMCServicer(pb_grpc.ESMCServicer):
+class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
     """Answers ``UNAVAILABLE`` until :meth:`attach` hands it a started engine."""
 
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None):

@@ -21,6 +21,19 @@ class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POOLING_UNSPECIFIED: _ClassVar[Pooling]
     POOLING_MEAN: _ClassVar[Pooling]
     POOLING_NONE: _ClassVar[Pooling]
+
+class ScoringMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCORING_METHOD_UNSPECIFIED: _ClassVar[ScoringMethod]
+    WT_MARGINALS: _ClassVar[ScoringMethod]
+    MASKED_MARGINALS: _ClassVar[ScoringMethod]
+    PSEUDO_LIKELIHOOD: _ClassVar[ScoringMethod]
+
+class Normalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NORMALIZATION_UNSPECIFIED: _ClassVar[Normalization]
+    NORMALIZATION_FULL: _ClassVar[Normalization]
+    NORMALIZATION_AMINO_ACIDS: _ClassVar[Normalization]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -30,6 +43,13 @@ DTYPE_INT64: DType
 POOLING_UNSPECIFIED: Pooling
 POOLING_MEAN: Pooling
 POOLING_NONE: Pooling
+SCORING_METHOD_UNSPECIFIED: ScoringMethod
+WT_MARGINALS: ScoringMethod
+MASKED_MARGINALS: ScoringMethod
+PSEUDO_LIKELIHOOD: ScoringMethod
+NORMALIZATION_UNSPECIFIED: Normalization
+NORMALIZATION_FULL: Normalization
+NORMALIZATION_AMINO_ACIDS: Normalization
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -386,3 +406,63 @@ class GenerateResponse(_message.Message):
     protein_tensor: ESMProteinTensor
     metadata: ResponseMetadata
     def __init__(self, step: _Optional[int] = ..., num_steps: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., probabilities: _Optional[_Iterable[float]] = ..., entropies: _Optional[_Iterable[float]] = ..., temperature: _Optional[float] = ..., sequence: _Optional[str] = ..., final: _Optional[bool] = ..., protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., protein_tensor: _Optional[_Union[ESMProteinTensor, _Mapping]] = ..., metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ...) -> None: ...
+
+class ScoreVariantsRequest(_message.Message):
+    __slots__ = ("wild_type", "variants", "method", "offset", "joint_masking", "normalization", "include_saturation_map")
+    WILD_TYPE_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    JOINT_MASKING_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SATURATION_MAP_FIELD_NUMBER: _ClassVar[int]
+    wild_type: ESMProtein
+    variants: _containers.RepeatedScalarFieldContainer[str]
+    method: ScoringMethod
+    offset: int
+    joint_masking: bool
+    normalization: Normalization
+    include_saturation_map: bool
+    def __init__(self, wild_type: _Optional[_Union[ESMProtein, _Mapping]] = ..., variants: _Optional[_Iterable[str]] = ..., method: _Optional[_Union[ScoringMethod, str]] = ..., offset: _Optional[int] = ..., joint_masking: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., include_saturation_map: _Optional[bool] = ...) -> None: ...
+
+class ScoreVariantsResponse(_message.Message):
+    __slots__ = ("scores", "saturation_map", "saturation_columns", "masked_copies", "metadata")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SATURATION_MAP_FIELD_NUMBER: _ClassVar[int]
+    SATURATION_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_COPIES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    scores: Tensor
+    saturation_map: Tensor
+    saturation_columns: str
+    masked_copies: int
+    metadata: ResponseMetadata
+    def __init__(self, scores: _Optional[_Union[Tensor, _Mapping]] = ..., saturation_map: _Optional[_Union[Tensor, _Mapping]] = ..., saturation_columns: _Optional[str] = ..., masked_copies: _Optional[int] = ..., metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ...) -> None: ...
+
+class PseudoLogLikelihoodRequest(_message.Message):
+    __slots__ = ("id", "protein", "normalization")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROTEIN_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    protein: ESMProtein
+    normalization: Normalization
+    def __init__(self, id: _Optional[str] = ..., protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., normalization: _Optional[_Union[Normalization, str]] = ...) -> None: ...
+
+class PseudoLogLikelihoodResponse(_message.Message):
+    __slots__ = ("id", "pseudo_log_likelihood", "pseudo_perplexity", "log_probs", "masked_copies", "error", "metadata")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PSEUDO_LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    PSEUDO_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_COPIES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    pseudo_log_likelihood: float
+    pseudo_perplexity: float
+    log_probs: Tensor
+    masked_copies: int
+    error: Error
+    metadata: ResponseMetadata
+    def __init__(self, id: _Optional[str] = ..., pseudo_log_likelihood: _Optional[float] = ..., pseudo_perplexity: _Optional[float] = ..., log_probs: _Optional[_Union[Tensor, _Mapping]] = ..., masked_copies: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ...) -> None: ...

@@ -69,6 +69,21 @@ class ESMCStub:
                 request_serializer=esmc_dot_v1_dot_esmc__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=esmc_dot_v1_dot_esmc__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.ScoreVariants = channel.unary_unary(
+                '/esmc.v1.ESMC/ScoreVariants',
+                request_serializer=esmc_dot_v1_dot_esmc__pb2.ScoreVariantsRequest.SerializeToString,
+                response_deserializer=esmc_dot_v1_dot_esmc__pb2.ScoreVariantsResponse.FromString,
+                _registered_method=True)
+        self.PseudoLogLikelihood = channel.unary_unary(
+                '/esmc.v1.ESMC/PseudoLogLikelihood',
+                request_serializer=esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodRequest.SerializeToString,
+                response_deserializer=esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodResponse.FromString,
+                _registered_method=True)
+        self.PseudoLogLikelihoodStream = channel.stream_stream(
+                '/esmc.v1.ESMC/PseudoLogLikelihoodStream',
+                request_serializer=esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodRequest.SerializeToString,
+                response_deserializer=esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodResponse.FromString,
+                _registered_method=True)
 
 
 class ESMCServicer:
@@ -124,6 +139,29 @@ class ESMCServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreVariants(self, request, context):
+        """Zero-shot variant-effect scores of a wild type; its masked copies ride in the same
+        batches as every other request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PseudoLogLikelihood(self, request, context):
+        """Pseudo-log-likelihood of one protein (one masked copy per residue).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PseudoLogLikelihoodStream(self, request_iterator, context):
+        """Many proteins: each request carries a client-chosen id; each response that id's result
+        or that id's error. One bad sequence never ends the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ESMCServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +199,21 @@ def add_ESMCServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=esmc_dot_v1_dot_esmc__pb2.GenerateRequest.FromString,
                     response_serializer=esmc_dot_v1_dot_esmc__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ScoreVariants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreVariants,
+                    request_deserializer=esmc_dot_v1_dot_esmc__pb2.ScoreVariantsRequest.FromString,
+                    response_serializer=esmc_dot_v1_dot_esmc__pb2.ScoreVariantsResponse.SerializeToString,
+            ),
+            'PseudoLogLikelihood': grpc.unary_unary_rpc_method_handler(
+                    servicer.PseudoLogLikelihood,
+                    request_deserializer=esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodRequest.FromString,
+                    response_serializer=esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodResponse.SerializeToString,
+            ),
+            'PseudoLogLikelihoodStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PseudoLogLikelihoodStream,
+                    request_deserializer=esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodRequest.FromString,
+                    response_serializer=esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +405,87 @@ class ESMC:
             '/esmc.v1.ESMC/Generate',
             esmc_dot_v1_dot_esmc__pb2.GenerateRequest.SerializeToString,
             esmc_dot_v1_dot_esmc__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreVariants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esmc.v1.ESMC/ScoreVariants',
+            esmc_dot_v1_dot_esmc__pb2.ScoreVariantsRequest.SerializeToString,
+            esmc_dot_v1_dot_esmc__pb2.ScoreVariantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PseudoLogLikelihood(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esmc.v1.ESMC/PseudoLogLikelihood',
+            esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodRequest.SerializeToString,
+            esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PseudoLogLikelihoodStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/esmc.v1.ESMC/PseudoLogLikelihoodStream',
+            esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodRequest.SerializeToString,
+            esmc_dot_v1_dot_esmc__pb2.PseudoLogLikelihoodResponse.FromString,
             options,
             channel_credentials,
             insecure,
