@@ -248,7 +248,7 @@ LOCAL_GEN = LocalGenerationConfig(num_steps=3, strategy="entropy", temperature=0
 
 def _check_stream(steps, expected: str):
     assert len(steps) == 4
-    assert [s.step for s in steps[:3]] == [0, 1, 2] and all(s.num_steps == 3 for s in steps)
+    assert [s.step for s in steps] == [1, 2, 3, None] and all(s.num_steps == 3 for s in steps)
     assert [s.final for s in steps] == [False, False, False, True]
     filled = set()
     for step in steps[:3]:
@@ -289,7 +289,7 @@ def test_closing_a_stream_early_leaves_the_server_serving(served):
         stream = client.generate_stream(PROMPT, GenerationConfig(num_steps=5), seed=1)
         first = next(stream)
         stream.close()  # cancels the call
-        assert first.step == 0
+        assert first.step == 1
         assert client.generate(PROMPT, GEN, seed=5).sequence.count("_") == 0
 
 

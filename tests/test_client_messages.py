@@ -1,5 +1,7 @@
 """Request building and response parsing of esmc_client, with hand-built messages."""
 
+import pickle
+import time
 from dataclasses import FrozenInstanceError
 
 import numpy as np
@@ -11,6 +13,7 @@ from esmc_client import (
     ESMProteinTensor,
     GenerationConfig,
     LogitsConfig,
+    RetryBudget,
     RetryPolicy,
     SamplingConfig,
     SamplingTrackConfig,
@@ -19,7 +22,8 @@ from esmc_client import requests as rq
 from esmc_client import responses as rs
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_client.bulk import make_chunks
-from esmc_client.channel import channel_options, service_config
+from esmc_client.channel import channel_options
+from esmc_client.retry import CallRetries, pushback_ms, retryable
 from esmc_client.tensors import from_numpy
 
 pytestmark = pytest.mark.unit
@@ -152,14 +156,12 @@ def test_configs_are_frozen_without_mutable_defaults():
 
 
 def test_channel_options_from_one_size_setting():
-    options = dict(channel_options(1234, RetryPolicy(max_retries=2)))
+    options = dict(channel_options(1234, (("grpc.max_reconnect_backoff_ms", 500),)))
     assert options["grpc.max_send_message_length"] == 1234
     assert options["grpc.max_receive_message_length"] == 1234
     assert options["grpc.lb_policy_name"] == "round_robin"
-    assert '"maxAttempts": 3' in options["grpc.service_config"]
-    assert "grpc.service_config" not in dict(channel_options(1, RetryPolicy(max_retries=0)))
-    assert '"maxAttempts": 5' in service_config(RetryPolicy(max_retries=10))  # gRPC's cap
-    assert '"Embed"' not in service_config(RetryPolicy())
+    assert options["grpc.max_reconnect_backoff_ms"] == 500  # extra options win
+    assert "grpc.service_config" not in options  # no gRPC retry policy: the client retries
 
 
 def test_backoff_grows_exponentially_within_jitter():
@@ -217,7 +219,7 @@ def test_parse_generate_steps_and_final():
                             probabilities=[0.5, 0.25], entropies=[1.0, 2.0], temperature=0.75,
                             sequence="MKTL_A", metadata=_metadata())
     )
-    assert (step.step, step.num_steps, step.positions, step.tokens) == (1, 4, (3, 5), (4, 5))
+    assert (step.step, step.num_steps, step.positions, step.tokens) == (2, 4, (3, 5), (4, 5))  # 1-based
     assert step.probabilities == (0.5, 0.25) and step.sequence == "MKTL_A"
     assert not step.final and step.protein is None and step.protein_tensor is None
     final = rs.parse_generate(
@@ -225,7 +227,7 @@ def test_parse_generate_steps_and_final():
                             protein=pb.ESMProtein(sequence="MKTLAA"),
                             protein_tensor=pb.ESMProteinTensor(sequence=[0, 20, 15, 11, 4, 5, 5, 2]))
     )
-    assert final.final and final.protein == ESMProtein("MKTLAA")
+    assert final.final and final.protein == ESMProtein("MKTLAA") and final.step is None
     np.testing.assert_array_equal(final.protein_tensor, [0, 20, 15, 11, 4, 5, 5, 2])
 
 
@@ -267,31 +269,118 @@ def test_chunks_number_requests_and_keep_caller_ids():
 
 def test_own_invalid_argument_is_final_and_retryable_errors_are_retried():
     policy = RetryPolicy(max_retries=2, initial_backoff_s=0.01)
-    (chunk,) = make_chunks([("a", "MK"), ("b", "MJ"), ("c", "LV")], 8, policy)
+    (chunk,) = make_chunks([("a", "MK"), ("b", "MJ"), ("c", "LV")], 8, policy, window=8)
     assert len(chunk.to_send()) == 3
     assert chunk.on_response(_ok("0", 1.0))[1].ok
     bad = chunk.on_response(_err("1", "INVALID_ARGUMENT"))
     assert bad[0] == 1 and bad[1].error.code == "INVALID_ARGUMENT" and bad[1].embedding is None
     assert chunk.on_response(_err("2", "RESOURCE_EXHAUSTED")) is None  # to be retried
     assert chunk.on_stream_end(None) == []
-    assert chunk.retry_delay() is not None
+    assert chunk.next_wait() is not None and chunk.window == 4  # busy: window halved
     again = chunk.to_send()
     assert [r.id for r in again] == ["2"]
     index, result = chunk.on_response(_ok("2", 3.0))
     assert index == 2 and result.ok and result.attempts == 2 and result.id == "c"
-    assert chunk.on_stream_end(None) == [] and chunk.retry_delay() is None
+    assert chunk.on_stream_end(None) == [] and chunk.next_wait() is None
 
 
-def test_retries_stop_after_max_retries():
+def test_busy_retries_stop_after_max_retries():
     (chunk,) = make_chunks([("a", "MK")], 8, RetryPolicy(max_retries=2, initial_backoff_s=0.01))
     for _ in range(2):
         chunk.to_send()
-        assert chunk.on_response(_err("0", "UNAVAILABLE")) is None
+        assert chunk.on_response(_err("0", "RESOURCE_EXHAUSTED")) is None
         chunk.on_stream_end(None)
     chunk.to_send()
-    index, result = chunk.on_response(_err("0", "UNAVAILABLE"))
-    assert result.error.code == "UNAVAILABLE" and result.attempts == 3
+    index, result = chunk.on_response(_err("0", "RESOURCE_EXHAUSTED"))
+    assert result.error.code == "RESOURCE_EXHAUSTED" and result.attempts == 3
     assert chunk.to_send() == []
+
+
+def test_busy_retries_are_paid_from_the_shared_budget():
+    budget = RetryBudget(ratio=0.0, burst=1.0)  # one retry in all
+    policy = RetryPolicy(max_retries=5, initial_backoff_s=0.01)
+    (chunk,) = make_chunks([("a", "MK"), ("b", "LV")], 8, policy, budget)
+    chunk.to_send()
+    assert chunk.on_response(_err("0", "RESOURCE_EXHAUSTED")) is None  # paid
+    index, result = chunk.on_response(_err("1", "RESOURCE_EXHAUSTED"))  # budget spent
+    assert index == 1 and result.error.code == "RESOURCE_EXHAUSTED" and result.attempts == 1
+    assert (budget.retries, budget.refused) == (1, 1)
+
+
+def test_unavailable_is_ridden_out_for_ride_out_s_then_final():
+    policy = RetryPolicy(ride_out_s=0.3, initial_backoff_s=0.01, max_backoff_s=0.02)
+    (chunk,) = make_chunks([("a", "MK"), ("b", "LV")], 8, policy)
+    chunk.to_send()
+    assert chunk.on_stream_end(ESMCError("UNAVAILABLE", "connection refused")) == []
+    delay, until_ready = chunk.next_wait()
+    assert until_ready and delay <= 0.02
+    chunk.to_send()
+    assert chunk.on_response(_ok("0", 1.0))[1].ok  # progress restarts the clock
+    time.sleep(0.35)
+    assert chunk.on_response(_err("1", "UNAVAILABLE")) is None  # a new outage starts now
+    chunk.on_stream_end(None)
+    chunk.to_send()
+    time.sleep(0.35)
+    (index, result), = chunk.on_stream_end(ESMCError("UNAVAILABLE", "connection refused"))
+    assert index == 1 and result.error.code == "UNAVAILABLE" and result.attempts == 3
+    assert chunk.next_wait() is None
+
+
+def test_message_size_refusals_are_never_resent():
+    (chunk,) = make_chunks([("a", "MK")], 8, RetryPolicy())
+    chunk.to_send()
+    error = ESMCError("RESOURCE_EXHAUSTED", "Sent message larger than max (5000 vs. 4194304)")
+    (index, result), = chunk.on_stream_end(error)
+    assert result.attempts == 1 and chunk.next_wait() is None
+
+
+# --- retry decisions ----------------------------------------------------------------------
+
+
+def test_definitive_errors_are_never_retried():
+    for code in ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "DEADLINE_EXCEEDED",
+                 "CANCELLED", "INTERNAL", "UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED"):
+        retries = CallRetries(RetryPolicy(), RetryBudget(1.0, 100.0), None)
+        assert retries.next_delay(code, "no", None) is None
+    assert not retryable("RESOURCE_EXHAUSTED", "Received message larger than max (9 vs. 4)")
+    assert retryable("RESOURCE_EXHAUSTED", "3 requests are waiting (max_queue=2)")
+    assert retryable("UNAVAILABLE", "Connection refused")
+
+
+def test_budget_allows_burst_plus_a_fraction_of_calls():
+    budget = RetryBudget(ratio=0.2, burst=10.0)
+    policy = RetryPolicy(initial_backoff_s=0.0)
+    granted = 0
+    for _ in range(500):  # every call fails with a retryable status, every retry too
+        retries = CallRetries(policy, budget, None)
+        while retries.next_delay("RESOURCE_EXHAUSTED", "queue full", None) is not None:
+            granted += 1
+    assert granted <= 10 + 0.2 * 500 and granted == budget.retries
+    assert granted >= 0.2 * 500 - 1  # and it does retry that fraction
+
+
+def test_pushback_replaces_the_backoff_and_negative_means_stop():
+    retries = CallRetries(RetryPolicy(initial_backoff_s=5.0), RetryBudget(0.2, 10.0), None)
+    assert 0.3 <= retries.next_delay("RESOURCE_EXHAUSTED", "full", 300) <= 0.36
+    assert retries.next_delay("RESOURCE_EXHAUSTED", "full", -1) is None
+    assert pushback_ms([("grpc-retry-pushback-ms", "250"), ("x", "y")]) == 250
+    assert pushback_ms([("grpc-retry-pushback-ms", "soon")]) == -1
+    assert pushback_ms([]) is None and pushback_ms(None) is None
+
+
+def test_retries_stay_within_the_call_timeout():
+    retries = CallRetries(RetryPolicy(initial_backoff_s=1.0), RetryBudget(0.2, 10.0), 0.2)
+    assert retries.next_delay("UNAVAILABLE", "down", None) is None  # would overrun the deadline
+    retries = CallRetries(RetryPolicy(max_retries=1, initial_backoff_s=0.0), RetryBudget(0.2, 10.0), None)
+    assert retries.next_delay("UNAVAILABLE", "down", None) == 0.0
+    assert retries.next_delay("UNAVAILABLE", "down", None) is None and retries.attempts == 2
+
+
+def test_esmc_error_prints_its_status_once():
+    error = ESMCError("INVALID_ARGUMENT", "INVALID_ARGUMENT: bad residue")
+    assert str(error) == "INVALID_ARGUMENT: bad residue" and error.message == "bad residue"
+    again = pickle.loads(pickle.dumps(ESMCError("UNAVAILABLE", "down", attempts=3, pushback_ms=5)))
+    assert (again.code, again.message, again.attempts, again.pushback_ms) == ("UNAVAILABLE", "down", 3, 5)
 
 
 def test_broken_stream_retries_or_fails_the_unanswered_only():
@@ -302,4 +391,4 @@ def test_broken_stream_retries_or_fails_the_unanswered_only():
     assert [r.id for r in chunk.to_send()] == ["1"]
     (index, result), = chunk.on_stream_end(ESMCError("DEADLINE_EXCEEDED", "too slow"))
     assert index == 1 and result.error.code == "DEADLINE_EXCEEDED" and result.id == "b"
-    assert chunk.retry_delay() is None
+    assert chunk.next_wait() is None

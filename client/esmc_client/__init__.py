@@ -7,8 +7,9 @@
         results = client.embed({"p1": "MKTAYIAK", "p2": "MLLV"}, layer=-1, progress=True)
 """
 
-from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, RetryPolicy
+from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET
 from esmc_client.client import AsyncESMCClient, ESMCClient
+from esmc_client.retry import RetryBudget, RetryPolicy
 from esmc_client.types import (
     BatchingLimits,
     EmbedResult,
@@ -44,6 +45,7 @@ __all__ = [
     "LogitsConfig",
     "LogitsOutput",
     "ResponseMetadata",
+    "RetryBudget",
     "RetryPolicy",
     "SamplingConfig",
     "SamplingTrackConfig",

@@ -199,7 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(step.protein.sequence)
                 return 0
             if args.stream:
-                print(f"{step.step + 1:>3}/{step.num_steps}  {step.sequence}", flush=True)
+                print(f"{step.step:>3}/{step.num_steps}  {step.sequence}", flush=True)
     print("esmc generate: the stream ended without a final message", file=sys.stderr)
     return 1
 

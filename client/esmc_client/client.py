@@ -30,9 +30,10 @@ from esmc_client import responses as rs
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_client.bulk import EmbedChunk, make_chunks
-from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, RetryPolicy, channel_options
+from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, channel_options
 from esmc_client.security import auth_metadata, tls_credentials
 from esmc_client.requests import ProteinLike
+from esmc_client.retry import CallRetries, RetryBudget, RetryPolicy
 from esmc_client.types import (
     EmbedResult,
     ESMCError,
@@ -66,11 +67,12 @@ class _ClientBase:
     ):
         self.target = target
         self.retry = retry if retry is not None else RetryPolicy()
+        self.retry_budget = RetryBudget(self.retry.budget_ratio, self.retry.budget_burst)
         self._wait_for_ready = wait_for_ready
         self._metadata = auth_metadata(token)
         if credentials is None:
             credentials = tls_credentials(tls, root_certificates, client_certificate, client_key)
-        channel_args = channel_options(max_message_bytes, self.retry, tuple(options))
+        channel_args = channel_options(max_message_bytes, tuple(options))
         self._channel = self._open_channel(target, credentials, channel_args)
         self._stub = pb_grpc.ESMCStub(self._channel)
 
@@ -84,6 +86,10 @@ class _ClientBase:
             "metadata": self._metadata,
         }
 
+    def _retries(self, timeout: float | None) -> CallRetries:
+        """Retry state of one call; ``timeout`` covers all its attempts."""
+        return CallRetries(self.retry, self.retry_budget, timeout)
+
 
 class ESMCClient(_ClientBase):
     """Blocking client.
@@ -92,8 +98,9 @@ class ESMCClient(_ClientBase):
         target: ``host:port``, or e.g. ``dns:///esmc.internal:50051`` to balance over every
             address the name resolves to (round robin).
         max_message_bytes: send and receive limit (the server's default: 512 MiB).
-        retry: backoff for ``UNAVAILABLE``/``RESOURCE_EXHAUSTED`` (``RetryPolicy(max_retries=0)``
-            turns retries off).
+        retry: backoff with jitter, retry budget and restart ride-out for ``UNAVAILABLE`` and
+            ``RESOURCE_EXHAUSTED`` (:mod:`esmc_client.retry`; ``RetryPolicy(max_retries=0)``
+            turns retries off). Other errors are never retried.
         credentials: ready-made channel credentials (instead of the TLS arguments below).
         wait_for_ready: calls wait for the server to come up instead of failing at once.
         options: extra gRPC channel arguments.
@@ -119,10 +126,16 @@ class ESMCClient(_ClientBase):
         self.close()
 
     def _unary(self, method, request, timeout: float | None):
-        try:
-            return method(request, **self._kwargs(timeout))
-        except grpc.RpcError as error:
-            raise rs.rpc_error(error) from error
+        retries = self._retries(timeout)
+        while True:
+            try:
+                return method(request, **self._kwargs(retries.remaining()))
+            except grpc.RpcError as rpc:
+                error = rs.rpc_error(rpc, retries.attempts)
+                delay = retries.next_delay(error.code, error.message, error.pushback_ms)
+                if delay is None:
+                    raise error from rpc
+            time.sleep(delay)
 
     # --- unary calls ----------------------------------------------------------------------
 
@@ -175,19 +188,32 @@ class ESMCClient(_ClientBase):
         *,
         timeout: float | None = None,
     ) -> Iterator[GenerateStep]:
-        """Yield each step, then the final message; closing the iterator cancels the call.
+        """Yield each step (``step`` 1..``num_steps``), then the final message (``final``,
+        ``step`` None); closing the iterator cancels the call.
 
-        ``timeout`` is a deadline for the whole stream.
+        ``timeout`` is a deadline for the whole stream. A call refused before its first
+        message is retried like a unary call.
         """
         request = rq.generate_request(protein, config, seed)
-        call = self._stub.Generate(request, **self._kwargs(timeout))
-        try:
-            for message in call:
-                yield rs.parse_generate(message)
-        except grpc.RpcError as error:
-            raise rs.rpc_error(error) from error
-        finally:
-            call.cancel()
+        retries = self._retries(timeout)
+        while True:
+            call = self._stub.Generate(request, **self._kwargs(retries.remaining()))
+            received = False
+            try:
+                for message in call:
+                    received = True
+                    yield rs.parse_generate(message)
+                return
+            except grpc.RpcError as rpc:
+                error = rs.rpc_error(rpc, retries.attempts)
+                delay = None
+                if not received:
+                    delay = retries.next_delay(error.code, error.message, error.pushback_ms)
+                if delay is None:
+                    raise error from rpc
+            finally:
+                call.cancel()
+            time.sleep(delay)
 
     def generate(
         self,
@@ -255,12 +281,22 @@ class ESMCClient(_ClientBase):
             progress: show a tqdm progress bar.
             timeout: deadline of each stream.
 
-        A sequence's own error (``INVALID_ARGUMENT``...) is reported in its result; on
-        ``UNAVAILABLE``/``RESOURCE_EXHAUSTED`` it is retried with backoff (``self.retry``).
+        A sequence's own error (``INVALID_ARGUMENT``...) is reported in its result and the
+        sequence is never sent again. A server that is unreachable or restarting is waited
+        for up to ``self.retry.ride_out_s`` seconds (30 by default) and the unanswered
+        sequences are resent; a sequence refused for a full queue is resent after a backoff,
+        within the retry budget (:mod:`esmc_client.bulk`).
         """
         items = rq.embed_items(sequences)
         chunks = make_chunks(
-            items, batch_size, self.retry, layer=layer, pool=pool, output_dtype=output_dtype
+            items,
+            batch_size,
+            self.retry,
+            self.retry_budget,
+            max_in_flight,
+            layer=layer,
+            pool=pool,
+            output_dtype=output_dtype,
         )
         results: list[EmbedResult | None] = [None] * len(items)
         lock = threading.Lock()
@@ -273,27 +309,36 @@ class ESMCClient(_ClientBase):
                     bar.update(len(done))
 
             def run(chunk: EmbedChunk) -> None:
-                self._run_chunk(chunk, record, max_in_flight, timeout)
+                self._run_chunk(chunk, record, timeout)
 
             with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(chunks) or 1))) as ex:
                 for future in [ex.submit(run, chunk) for chunk in chunks]:
                     future.result()
         return results  # type: ignore[return-value]
 
-    def _run_chunk(self, chunk: EmbedChunk, record, max_in_flight: int, timeout) -> None:
+    def _run_chunk(self, chunk: EmbedChunk, record, timeout) -> None:
         while requests := chunk.to_send():
             error = None
             try:
-                for message in self._embed_stream(requests, max_in_flight, timeout):
+                for message in self._embed_stream(requests, chunk.window, timeout):
                     if (done := chunk.on_response(message)) is not None:
                         record([done])
             except grpc.RpcError as rpc:
                 error = rs.rpc_error(rpc)
             record(chunk.on_stream_end(error))
-            delay = chunk.retry_delay()
-            if delay is None:
+            if (wait := chunk.next_wait()) is None:
                 return
+            delay, until_ready = wait
             time.sleep(delay)
+            if until_ready:
+                self._wait_ready(chunk.ride_out_left())
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for the channel to connect to a server."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=max(timeout, 0.01))
+        except grpc.FutureTimeoutError:
+            pass
 
     def _embed_stream(self, requests, max_in_flight: int, timeout) -> Iterator[pb.EmbedResponse]:
         """One Embed stream, at most ``max_in_flight`` requests ahead of their responses."""
@@ -338,10 +383,16 @@ class AsyncESMCClient(_ClientBase):
         await self.close()
 
     async def _unary(self, method, request, timeout: float | None):
-        try:
-            return await method(request, **self._kwargs(timeout))
-        except grpc.aio.AioRpcError as error:
-            raise rs.rpc_error(error) from error
+        retries = self._retries(timeout)
+        while True:
+            try:
+                return await method(request, **self._kwargs(retries.remaining()))
+            except grpc.aio.AioRpcError as rpc:
+                error = rs.rpc_error(rpc, retries.attempts)
+                delay = retries.next_delay(error.code, error.message, error.pushback_ms)
+                if delay is None:
+                    raise error from rpc
+            await asyncio.sleep(delay)
 
     # --- unary calls ----------------------------------------------------------------------
 
@@ -391,16 +442,27 @@ class AsyncESMCClient(_ClientBase):
         *,
         timeout: float | None = None,
     ) -> AsyncIterator[GenerateStep]:
-        """Yield each step, then the final message; closing the iterator cancels the call."""
+        """See :meth:`ESMCClient.generate_stream`."""
         request = rq.generate_request(protein, config, seed)
-        call = self._stub.Generate(request, **self._kwargs(timeout))
-        try:
-            async for message in call:
-                yield rs.parse_generate(message)
-        except grpc.aio.AioRpcError as error:
-            raise rs.rpc_error(error) from error
-        finally:
-            call.cancel()
+        retries = self._retries(timeout)
+        while True:
+            call = self._stub.Generate(request, **self._kwargs(retries.remaining()))
+            received = False
+            try:
+                async for message in call:
+                    received = True
+                    yield rs.parse_generate(message)
+                return
+            except grpc.aio.AioRpcError as rpc:
+                error = rs.rpc_error(rpc, retries.attempts)
+                delay = None
+                if not received:
+                    delay = retries.next_delay(error.code, error.message, error.pushback_ms)
+                if delay is None:
+                    raise error from rpc
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     async def generate(
         self,
@@ -457,7 +519,14 @@ class AsyncESMCClient(_ClientBase):
         """See :meth:`ESMCClient.embed`."""
         items = rq.embed_items(sequences)
         chunks = make_chunks(
-            items, batch_size, self.retry, layer=layer, pool=pool, output_dtype=output_dtype
+            items,
+            batch_size,
+            self.retry,
+            self.retry_budget,
+            max_in_flight,
+            layer=layer,
+            pool=pool,
+            output_dtype=output_dtype,
         )
         results: list[EmbedResult | None] = [None] * len(items)
         gate = asyncio.Semaphore(max(1, concurrency))
@@ -470,25 +539,34 @@ class AsyncESMCClient(_ClientBase):
 
             async def run(chunk: EmbedChunk) -> None:
                 async with gate:
-                    await self._run_chunk(chunk, record, max_in_flight, timeout)
+                    await self._run_chunk(chunk, record, timeout)
 
             await asyncio.gather(*(run(chunk) for chunk in chunks))
         return results  # type: ignore[return-value]
 
-    async def _run_chunk(self, chunk: EmbedChunk, record, max_in_flight: int, timeout) -> None:
+    async def _run_chunk(self, chunk: EmbedChunk, record, timeout) -> None:
         while requests := chunk.to_send():
             error = None
             try:
-                async for message in self._embed_stream(requests, max_in_flight, timeout):
+                async for message in self._embed_stream(requests, chunk.window, timeout):
                     if (done := chunk.on_response(message)) is not None:
                         record([done])
             except grpc.aio.AioRpcError as rpc:
                 error = rs.rpc_error(rpc)
             record(chunk.on_stream_end(error))
-            delay = chunk.retry_delay()
-            if delay is None:
+            if (wait := chunk.next_wait()) is None:
                 return
+            delay, until_ready = wait
             await asyncio.sleep(delay)
+            if until_ready:
+                await self._wait_ready(chunk.ride_out_left())
+
+    async def _wait_ready(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for the channel to connect to a server."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), max(timeout, 0.01))
+        except asyncio.TimeoutError:
+            pass
 
     async def _embed_stream(
         self, requests, max_in_flight: int, timeout

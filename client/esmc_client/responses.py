@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_client.retry import pushback_ms
 from esmc_client.tensors import to_numpy
 from esmc_client.types import (
     BatchingLimits,
@@ -121,7 +122,7 @@ def parse_forward_and_sample(message: pb.ForwardAndSampleResponse) -> ForwardAnd
 def parse_generate(message: pb.GenerateResponse) -> GenerateStep:
     final = message.final
     return GenerateStep(
-        step=message.step,
+        step=None if final else message.step + 1,  # the wire's step is 0-based
         num_steps=message.num_steps,
         positions=tuple(message.positions),
         tokens=tuple(message.tokens),
@@ -136,7 +137,16 @@ def parse_generate(message: pb.GenerateResponse) -> GenerateStep:
     )
 
 
-def rpc_error(error) -> ESMCError:
-    """A ``grpc.RpcError`` (sync or aio) -> :class:`ESMCError` with the status name."""
-    code = error.code()
-    return ESMCError(code.name if code is not None else "UNKNOWN", error.details() or "")
+def rpc_error(error, attempts: int = 1) -> ESMCError:
+    """A ``grpc.RpcError`` (sync or aio) -> :class:`ESMCError` with the status name, the
+    number of attempts made and the server's retry pushback (if any)."""
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    details = error.details() if callable(getattr(error, "details", None)) else None
+    trailers = getattr(error, "trailing_metadata", None)
+    pushback = pushback_ms(trailers()) if callable(trailers) else None
+    return ESMCError(
+        code.name if code is not None else "UNKNOWN",
+        details or "",
+        attempts=attempts,
+        pushback_ms=pushback,
+    )

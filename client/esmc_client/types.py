@@ -165,9 +165,13 @@ class ForwardAndSampleOutput:
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class GenerateStep:
-    """One message of a generation stream; the last has ``final`` and the finished protein."""
+    """One message of a generation stream; the last has ``final`` and the finished protein.
 
-    step: int  # 0-based
+    Steps are numbered 1..``num_steps`` (as the CLI prints them: "step 3 of 8"); the final
+    message reports no step (``step`` None): it carries the finished protein.
+    """
+
+    step: int | None  # 1-based; None on the final message
     num_steps: int  # after clamping to the number of masks
     positions: tuple[int, ...]  # residue indices (0-based) filled in this step
     tokens: tuple[int, ...]  # token ids chosen there
@@ -182,12 +186,34 @@ class GenerateStep:
 
 
 class ESMCError(Exception):
-    """A call (or one sequence of a stream) failed; ``code`` is the gRPC status name."""
+    """A call (or one sequence of a stream) failed; ``code`` is the gRPC status name.
 
-    def __init__(self, code: str, message: str):
+    ``str(error)`` is ``"CODE: message"`` with the status written once. ``attempts`` counts
+    the tries the call made (1 + retries); ``pushback_ms`` is the server's
+    ``grpc-retry-pushback-ms`` hint, when it sent one.
+    """
+
+    def __init__(
+        self, code: str, message: str, *, attempts: int = 1, pushback_ms: int | None = None
+    ):
+        message = _without_code(code, message)
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.attempts = attempts
+        self.pushback_ms = pushback_ms
 
     def __reduce__(self):
-        return (ESMCError, (self.code, self.message))
+        return (_rebuild_error, (self.code, self.message, self.attempts, self.pushback_ms))
+
+
+def _rebuild_error(code, message, attempts, pushback_ms) -> ESMCError:
+    return ESMCError(code, message, attempts=attempts, pushback_ms=pushback_ms)
+
+
+def _without_code(code: str, message: str) -> str:
+    """``message`` without a leading copy of ``code`` (so the status is printed once)."""
+    for prefix in (f"{code}: ", f"{code} "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
