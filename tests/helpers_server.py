@@ -114,9 +114,12 @@ def server_config(
 
 
 @contextlib.asynccontextmanager
-async def running_server(model: ESMC, config: ServerConfig) -> AsyncIterator[Running]:
-    """A real server on a free port with ``model``, and a channel with the same size limits."""
-    server, port = await create_server(config, model=model)
+async def running_server(
+    model: ESMC, config: ServerConfig, engine=None
+) -> AsyncIterator[Running]:
+    """A real server on a free port with ``model`` (served by ``engine`` when given, e.g. one
+    with injected faults), and a channel with the same size limits."""
+    server, port = await create_server(config, engine=engine, model=model)
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{port}", options=channel_options(config.max_message_bytes)
     )

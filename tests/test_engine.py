@@ -25,9 +25,10 @@ from esmc_server.config import BatchingConfig
 from esmc_server.engine import Engine, EngineObserver
 from esmc_server.errors import (
     DeadlineExceeded,
-    DeviceOutOfMemory,
+    InternalError,
     InvalidRequest,
     QueueFull,
+    SequenceTooLargeForDevice,
     Unavailable,
 )
 
@@ -84,7 +85,7 @@ async def make_engine(model):
 
     yield make
     for engine in engines:
-        observer = engine._device._observer
+        observer = engine._device.observer.inner
         if isinstance(observer, Recorder):
             observer.go.set()
         await engine.stop(grace_s=30.0)
@@ -269,7 +270,10 @@ async def test_a_bad_input_fails_alone(model, make_engine):
         engine.logits(good[1], FULL), engine.logits(good[2], FULL),
         return_exceptions=True,
     )
-    assert isinstance(results[1], IndexError)
+    assert isinstance(results[1], InternalError) and results[1].code == "INTERNAL"
+    assert str(results[1]) == (
+        "internal error while running the forward; the server logged the details"
+    )
     for tokens, result in zip(good, [results[0], results[2], results[3]]):
         assert_same(result.output, run_logits(model, [tokens], [FULL])[0])
 
@@ -292,7 +296,8 @@ async def test_out_of_memory_splits_the_batch_and_a_lone_oversize_sequence_fails
     results = await asyncio.gather(
         *[engine.logits(encode(s), FULL) for s in sequences], return_exceptions=True
     )
-    assert isinstance(results[3], DeviceOutOfMemory)  # 52 tokens do not fit even alone
+    assert isinstance(results[3], SequenceTooLargeForDevice)  # 52 tokens do not fit even alone
+    assert results[3].code == "INVALID_ARGUMENT" and "52 tokens" in str(results[3])
     for i in (0, 1, 2, 4, 5):
         alone = run_logits(model, [encode(sequences[i])], [FULL])[0]
         assert_same(results[i].output, alone)

@@ -66,7 +66,22 @@ class Server:
         self.metrics_port: int | None = None
         self.engine = None
         self.model: ESMC | None = None
+        self.fatal: str | None = None  # why the engine failed, once it has
+        self.failed = asyncio.Event()  # set when the engine failed (health is NOT_SERVING)
         self._stopping: asyncio.Task | None = None
+        self._health_update: asyncio.Future | None = None
+
+    def watch_engine(self) -> None:
+        """Tie health to the engine's watchdog: a fatal engine fault turns ``""`` and the ESMC
+        service NOT_SERVING at once and sets :attr:`failed` (``esmc serve`` then exits 1)."""
+
+        def on_fatal(reason: str) -> None:
+            log.error("engine failed (%s): health is NOT_SERVING from now on", reason)
+            self.fatal = reason
+            self.failed.set()
+            self._health_update = asyncio.ensure_future(self.set_serving(False))
+
+        self.engine.add_fatal_listener(on_fatal)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -144,7 +159,8 @@ async def create_server(
         metrics.close()
         raise
     servicer.attach(server.engine, server.model)
-    await server.set_serving(True)
+    if server.fatal is None:
+        await server.set_serving(True)
     return server, server.port
 
 
@@ -160,9 +176,15 @@ async def _start_engine(server: Server, config: ServerConfig, engine, model: ESM
         if model is None:
             log.info("loading model %s", config.model)
             model = await asyncio.to_thread(load_model, config)
-        engine = Engine(model, config.batching, observer=server.metrics)
+        engine = Engine(
+            model,
+            config.batching,
+            observer=server.metrics,
+            forward_timeout_s=config.forward_timeout_s,
+        )
     server.model = model if model is not None else engine.model
     server.engine = engine
+    server.watch_engine()
     await engine.start()
     if config.warmup:
         await engine.warmup()

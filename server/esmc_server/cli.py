@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -52,6 +53,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         type=int,
         help="masked copies (sequence forwards) one ScoreVariants or PseudoLogLikelihood "
         "request may need (default 20000)",
+    )
+    p.add_argument(
+        "--generation-window", type=int, help="steps a generation may run ahead of its reader"
+    )
+    p.add_argument(
+        "--forward-timeout-s",
+        type=_seconds_or_off,
+        help="a forward running longer is a fatal fault (health NOT_SERVING, exit 1), or 'off'",
+    )
+    p.add_argument(
+        "--fatal-exit-s", type=float, help="seconds from a fatal engine fault to exit status 1"
     )
     p.add_argument("--log-level", default="INFO")
     _add_shared_service_flags(p)
@@ -122,10 +134,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "keepalive_time_s": args.keepalive_time_s,
         "keepalive_timeout_s": args.keepalive_timeout_s,
         "max_score_forwards": args.max_score_forwards,
+        "generation_window": args.generation_window,
+        "fatal_exit_s": args.fatal_exit_s,
     }
     if isinstance(args.max_connection_age_s, float):
         overrides["max_connection_age_s"] = args.max_connection_age_s
+    if args.forward_timeout_s not in (None, "off"):
+        overrides["forward_timeout_s"] = args.forward_timeout_s
     config = ServerConfig.from_env(**overrides)
+    if args.forward_timeout_s == "off":
+        config = dataclasses.replace(config, forward_timeout_s=None)
     if args.metrics_port is not None:  # "off" means None, which from_env reads as "not given"
         port = None if args.metrics_port == "off" else args.metrics_port
         config = dataclasses.replace(config, metrics_port=port)
@@ -134,8 +152,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return config
 
 
-async def serve(config: ServerConfig) -> None:
-    """Serve until SIGTERM/SIGINT; then NOT_SERVING, refuse new calls, finish those in flight."""
+async def serve(config: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT; then NOT_SERVING, refuse new calls, finish those in flight.
+
+    Returns the exit status: 0, or 1 after a fatal engine fault (health NOT_SERVING for
+    ``fatal_exit_s`` first, so probes see it, then exit for the orchestrator to restart us).
+    """
     server, port = await create_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -147,9 +169,18 @@ async def serve(config: ServerConfig) -> None:
         "serving %s on %s:%d (%s)%s",
         config.model, config.host, port, server.security.describe(), metrics,
     )
-    await stop.wait()
+    failed = asyncio.ensure_future(server.failed.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if server.fatal is not None:
+        log.error("exiting with status 1 in %.1f s: the engine failed", config.fatal_exit_s)
+        await asyncio.wait([stopped], timeout=config.fatal_exit_s)
+        await asyncio.wait_for(server.stop(0.0), timeout=10.0)
+        return 1
+    failed.cancel()
     log.info("shutting down: calls in flight get %.1f s", config.grace_s)
     await server.stop(config.grace_s)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,10 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     keep_freed_memory()
     try:
-        asyncio.run(serve(config))
+        status = asyncio.run(serve(config))
     except (ValueError, OSError) as e:  # weights not found or unusable, port taken, ...
         log.error("cannot serve %s: %s", config.model, e)
         return 1
+    if status != 0:  # a fatal engine fault: a hung device thread must not delay the exit
+        logging.shutdown()
+        os._exit(status)
     return 0
 
 

@@ -30,6 +30,7 @@ class BatchingConfig:
     max_wait_ms: float = 5.0  # timed from the oldest waiting request
     max_queue: int = 4096  # waiting requests (logits + generations) before RESOURCE_EXHAUSTED
     packed: bool = True  # pack end to end (else length-sorted padded)
+    generation_window: int = 2  # steps a generation may run ahead of its consumer
 
     def __post_init__(self) -> None:
         _check(self.max_batch_tokens >= 1, "max_batch_tokens must be >= 1")
@@ -38,6 +39,7 @@ class BatchingConfig:
             math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms must be >= 0"
         )
         _check(self.max_queue >= 1, "max_queue must be >= 1")
+        _check(self.generation_window >= 1, "generation_window must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,8 @@ class ServerConfig:
     keepalive_timeout_s: float = 20.0  # a ping unanswered this long closes the connection
     keepalive_permit_without_calls: bool = True  # accept client pings with no call open
     min_client_ping_interval_s: float = 10.0  # clients pinging faster get GOAWAY too_many_pings
+    forward_timeout_s: float | None = 600.0  # a forward running longer is fatal (None: no limit)
+    fatal_exit_s: float = 3.0  # after a fatal engine fault, `esmc serve` exits 1 this much later
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"port {self.port} is out of range")
@@ -99,6 +103,11 @@ class ServerConfig:
         for name in ("keepalive_time_s", "keepalive_timeout_s"):
             _check(getattr(self, name) > 0, f"{name} must be > 0")
         _check(self.max_score_forwards >= 1, "max_score_forwards must be >= 1")
+        _check(
+            self.forward_timeout_s is None or self.forward_timeout_s > 0,
+            "forward_timeout_s must be > 0 (or off)",
+        )
+        _check(self.fatal_exit_s >= 0, "fatal_exit_s must be >= 0")
 
     @property
     def tls(self) -> bool:
@@ -176,6 +185,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "keepalive_timeout_s": float,
     "keepalive_permit_without_calls": _parse_bool,
     "min_client_ping_interval_s": float,
+    "generation_window": int,
+    "forward_timeout_s": _parse_optional_seconds,
+    "fatal_exit_s": float,
 }
 
 

@@ -1,22 +1,28 @@
-"""The device thread: the only code that runs the model.
+"""The device thread: the only code that runs the model, and the watchdog that watches it.
 
-One pass is schedule -> execute -> update:
+One pass (:class:`DevicePass`) is schedule -> execute -> update:
 
-- schedule: under the lock, drop work nobody wants any more, ask the pure policy
-  (:func:`esmc_server.policy.select_batch`) for a batch and take it out of the pending set;
-  collate it outside the lock (the event loop never waits on collation);
+- schedule: the pending set (:mod:`esmc_server.pending`) takes a batch out of the queue, per
+  the pure policy; it is collated outside the lock (the event loop never waits on collation);
 - execute: one packed (or padded) forward; an error bisects the batch so that it lands on
   the requests it concerns (out of memory: halves are retried, one sequence alone gets
-  :class:`DeviceOutOfMemory`);
+  :class:`SequenceTooLargeForDevice`, a non-retryable status);
 - update: split the outputs per request, settle futures / advance generations (results go to
-  the event loop with ``call_soon_threadsafe``), queue every unfinished generation's next step.
+  the event loop with ``call_soon_threadsafe``), queue (or park) every unfinished generation.
+
+Fault containment: an ``Exception`` at any stage (collation, forward, copy, slicing, sampling,
+result building, the observer) fails exactly the requests it concerns with a
+:class:`ServiceError` whose message names the stage (the traceback is logged once at ERROR),
+and the loop goes on. Anything else (a ``BaseException`` on the device thread, the thread
+gone, or a pass stage running longer than ``forward_timeout_s``) is fatal: the
+:class:`Watchdog` (or the thread itself) fails every call in flight and queued with
+``UNAVAILABLE``, refuses new work, and reports the reason (``on_fatal``) so that the server
+turns health ``NOT_SERVING`` and the process can exit for its orchestrator to restart it.
 
 Lookahead: when the batch carries no generation step, the next batch is scheduled and
 collated right after the forward is launched and before its outputs are read. On CUDA the
-forward runs asynchronously, so that collation and its non-blocking copy overlap the running
+forward runs asynchronously, so collation and its non-blocking copy overlap the running
 forward; on the CPU the forward is synchronous and the lookahead only reorders the work.
-A batch with generation steps is not looked ahead of: its generations' next steps need its
-outputs, and they ride in the very next forward.
 """
 
 from __future__ import annotations
@@ -31,40 +37,14 @@ import torch
 
 from esmc.model import ESMC
 from esmc_server.config import BatchingConfig
-from esmc_server.errors import DeviceOutOfMemory, QueueFull, Unavailable
-from esmc_server.execute import Collated, collate, forward, slice_output, to_host
-from esmc_server.policy import batch_cost, next_wakeup, select_batch
+from esmc_server.errors import InternalError, SequenceTooLargeForDevice, ServiceError, Unavailable
+from esmc_server.execute import BatchExecutor, Collated
+from esmc_server.observer import EngineObserver, GuardedObserver
+from esmc_server.pending import PendingSet, State
+from esmc_server.policy import batch_cost
 from esmc_server.requests import EngineStats, GenerationWork, Timing, Work
 
-NEW, RUNNING, DRAINING, STOPPED = "new", "running", "draining", "stopped"
-
 log = logging.getLogger(__name__)
-
-
-class EngineObserver:
-    """Receives plain numbers for metrics. Every method is a no-op here.
-
-    Hooks run on the device thread, except ``on_queue_depth``, which a submission also calls
-    on the caller's thread: keep them cheap and thread-safe (Prometheus metrics are).
-    """
-
-    def on_batch(
-        self,
-        sequences: int,
-        tokens: int,
-        real_tokens: int,
-        queue_ms_list: list[float],
-        compute_ms: float,
-        generation_steps: int,
-    ) -> None:
-        """One pass: sequences and tokens paid (padded when padding), real tokens, each
-        request's queue time, the pass's compute time, and how many were generation steps."""
-
-    def on_queue_depth(self, n: int) -> None:
-        """Work items waiting for a forward."""
-
-    def on_active_generations(self, n: int) -> None:
-        """Generations started and not yet finished, failed or closed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,218 +63,165 @@ class Prepared:
 
 @dataclasses.dataclass(frozen=True)
 class Served:
+    """One request's outcome of a pass: its outputs, or the error that fails it."""
+
     work: Work
-    output: object  # LogitsOutput, or the exception that failed this request
+    output: object  # LogitsOutput, or a ServiceError
     batch_size: int
     batch_tokens: int
 
 
-class DeviceLoop:
-    """Pending set, lock and the device thread. Submitting is thread-safe."""
+@dataclasses.dataclass(frozen=True)
+class Executed:
+    """What a pass computed: per-request outcomes, forwards run, tokens paid."""
+
+    served: list[Served]
+    forwards: int
+    paid: int
+
+
+def service_error(error: BaseException, stage: str, detail: str = "") -> ServiceError:
+    """``error`` as the caller sees it: service errors pass, anything else is logged once
+    (with its traceback) and becomes an :class:`InternalError` naming ``stage``."""
+    if isinstance(error, ServiceError):
+        return error
+    log.error("%s failed%s", stage, detail, exc_info=error)
+    return InternalError(stage)
+
+
+class Busy:
+    """When the device thread started its current stage (None: waiting for work)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.what = ""
+
+    def enter(self, what: str) -> None:
+        self.what = what
+        self.since = time.monotonic()
+
+    def leave(self) -> None:
+        self.since = None
+
+
+class DevicePass:
+    """Schedule -> execute -> update; runs on the device thread only."""
 
     def __init__(
-        self, model: ESMC, limits: BatchingConfig, observer: EngineObserver, stats: EngineStats
+        self,
+        model: ESMC,
+        pending: PendingSet,
+        observer: EngineObserver,
+        stats: EngineStats,
+        busy: Busy,
+        executor: BatchExecutor,
     ):
+        self._run_steps = executor
         self._model = model
-        self._limits = limits
+        self._pending = pending
+        self._limits = pending.limits
         self._observer = observer
         self.stats = stats
-        self._cond = threading.Condition()
-        self._pending: dict[int, Work] = {}
-        self._generations: set[int] = set()  # keys of active generations
-        self._waiting_unary = 0  # one-shot works in the pending set
-        self._state = NEW
-        self._thread: threading.Thread | None = None
-        self._on_idle: Callable[[], None] = lambda: None
+        self._busy = busy
+        self._lookahead: Prepared | None = None
 
-    # -- control (any thread) ----------------------------------------------------------------
+    def take_lookahead(self) -> Prepared | None:
+        """The batch scheduled during the last forward (once)."""
+        prepared, self._lookahead = self._lookahead, None
+        return prepared
 
-    def start(self, on_idle: Callable[[], None]) -> None:
-        """Start the device thread; ``on_idle`` is called from it once draining has finished."""
-        self._on_idle = on_idle
-        with self._cond:
-            self._state = RUNNING
-        self._thread = threading.Thread(target=self._main, name="esmc-device", daemon=True)
-        self._thread.start()
+    # -- schedule ----------------------------------------------------------------------------
 
-    def submit(self, work: Work) -> None:
-        """Queue ``work``; raises :class:`Unavailable` unless running, :class:`QueueFull`."""
-        generation = isinstance(work, GenerationWork)
-        with self._cond:
-            if self._state != RUNNING:
-                raise Unavailable("the engine is not accepting work (starting or shutting down)")
-            waiting = self._waiting_unary + len(self._generations)
-            limit = self._limits.max_queue
-            if waiting >= limit:
-                raise QueueFull(f"{waiting} requests are waiting (max_queue={limit})")
-            self._pending[work.key] = work
-            if generation:
-                self._generations.add(work.key)
-            else:
-                self._waiting_unary += 1
-            depth = self.stats.queue_depth = len(self._pending)
-            self._cond.notify()
-        self._notify("on_queue_depth", depth)
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify()
-
-    def drain(self) -> None:
-        """Refuse new work; run what is pending without waiting for company."""
-        with self._cond:
-            if self._state == RUNNING:
-                self._state = DRAINING
-            self._cond.notify()
-
-    def halt(self) -> None:
-        """Finish the pass under way, fail everything else with :class:`Unavailable`, exit."""
-        with self._cond:
-            self._state = STOPPED
-            self._cond.notify()
-
-    def join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-
-    # -- the device thread -------------------------------------------------------------------
-
-    def _main(self) -> None:
-        torch.set_grad_enabled(False)  # grad mode is per thread
-        prepared = None
-        try:
-            while True:
-                if prepared is None:
-                    prepared = self._schedule(block=True)
-                    if prepared is None:
-                        return
-                prepared = self._run_pass(prepared)
-        except BaseException:
-            log.exception("the device loop failed; the engine refuses work from now on")
-            raise
-        finally:
-            self._fail_all(Unavailable("the engine stopped before this request was computed"))
-
-    def _schedule(self, block: bool) -> Prepared | None:
-        """Next batch, collated; None when stopped (or, not blocking, when nothing is due)."""
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                self._drop_gone(now)
-                if self._state == STOPPED:
-                    return None
-                entries = [w.entry() for w in self._pending.values()]
-                limits = self._limits
-                if self._state == DRAINING:
-                    limits = dataclasses.replace(limits, max_wait_ms=0.0)
-                batch = select_batch(entries, limits, now)
-                if batch is not None:
-                    works = [self._take(key) for key in batch.keys]
-                    depth = len(self._pending)
-                    break
-                if not block:
-                    return None
-                if self._state == DRAINING and not self._generations and not self._pending:
-                    self._on_idle()
-                wakeup = next_wakeup(entries, limits, now)
-                self._cond.wait(None if wakeup is None else max(wakeup - now, 0.0))
-        self.stats.queue_depth = depth
-        self._notify("on_queue_depth", depth)
-        return self._prepare(works)
-
-    def _take(self, key: int) -> Work:
-        work = self._pending.pop(key)
-        if not isinstance(work, GenerationWork):
-            self._waiting_unary -= 1
-        return work
-
-    def _drop_gone(self, now: float) -> None:
-        """Under the lock: remove cancelled / timed-out / closed work before it costs a forward."""
-        for work in [w for w in self._pending.values() if w.gone(now)]:
-            self._take(work.key)
-            self._generations.discard(work.key)
-            self.stats.dropped += 1
+    def schedule(self, block: bool, on_idle: Callable[[], None]) -> Prepared | None:
+        """The next batch, collated; None when stopped (or, not blocking, when none is due).
+        A batch whose collation fails is failed and the next one is scheduled."""
+        while True:
+            works = self._pending.next_batch(block, on_idle)
+            if works is None:
+                return None
+            prepared = self._prepare(works)
+            if prepared is not None or not block:
+                return prepared
 
     def _prepare(self, works: list[Work]) -> Prepared | None:
-        """Collate ``works`` (a failure here fails them all: it is not their forward's fault)."""
-        lengths = [w.length for w in works]
-        keep = sorted({i for w in works for i in w.layers})
+        """Collate ``works``. When that fails, each work is collated alone: those that fail
+        alone are failed, the others are collated again together (None: none left)."""
         try:
-            collated = collate([w.tokens for w in works], self._limits.packed, self._model.device)
-        except Exception as error:  # noqa: BLE001 - handed to the requests concerned
-            with self._cond:
-                self._generations.difference_update(w.key for w in works)
-            for work in works:
-                work.fail(error)
-            return None
-        return Prepared(works, batch_cost(lengths, self._limits.packed), collated, keep)
+            collated = self._collate(works)
+        except Exception as error:  # noqa: BLE001 - located, then handed to those concerned
+            if len(works) == 1:
+                self._fail(works, service_error(error, "preparing the batch"))
+                return None
+            works = [w for w in works if self._prepare([w]) is not None]
+            return self._prepare(works) if works else None
+        keep = sorted({i for w in works for i in w.layers})
+        return Prepared(works, batch_cost(collated.lengths, self._limits.packed), collated, keep)
 
-    def _recheck(self, prepared: Prepared) -> Prepared | None:
-        """Drop works that went away since they were scheduled (a looked-ahead batch waited)."""
-        now = time.monotonic()
-        with self._cond:
-            alive = [w for w in prepared.works if not w.gone(now)]
-            for work in prepared.works:
-                if work not in alive:
-                    self._generations.discard(work.key)
-                    self.stats.dropped += 1
-        if len(alive) == len(prepared.works):
-            return prepared
-        return self._prepare(alive) if alive else None
+    def _collate(self, works: list[Work]) -> Collated:
+        return self._run_steps.collate(
+            [w.tokens for w in works], self._limits.packed, self._model.device
+        )
 
-    def _run_pass(self, prepared: Prepared) -> Prepared | None:
+    # -- execute -----------------------------------------------------------------------------
+
+    def run(self, prepared: Prepared, on_idle: Callable[[], None]) -> Prepared | None:
         """Execute and update one batch; returns the looked-ahead next batch, if any."""
-        prepared = self._recheck(prepared)
-        if prepared is None:
-            return None
+        alive = self._pending.recheck(prepared.works)
+        if len(alive) < len(prepared.works):
+            prepared = self._prepare(alive) if alive else None
+            if prepared is None:
+                return None
         started = time.monotonic()
-        lookahead: list[Prepared | None] = [None]
 
         def look_ahead() -> None:
             if not prepared.generation_steps:
-                lookahead[0] = self._schedule(block=False)
+                self._lookahead = self.schedule(block=False, on_idle=on_idle)
 
-        served, forwards, paid = self._execute(prepared, look_ahead)
+        executed = self.execute(prepared, look_ahead)
         compute_ms = (time.monotonic() - started) * 1000.0
-        self._update(served, started, compute_ms, forwards, paid)
-        return lookahead[0]
+        self._busy.enter("handing results on")
+        self.update(executed, started, compute_ms)
+        return self.take_lookahead()
 
-    def _execute(self, prepared: Prepared, between: Callable[[], None] = lambda: None):
+    def execute(self, prepared: Prepared, between: Callable[[], None] = lambda: None) -> Executed:
         """One forward and its per-request outputs; ``between`` runs while the forward runs.
-
-        Returns ([Served], forwards run, tokens paid). Errors bisect the batch (:meth:`_bisect`).
-        """
+        Errors bisect the batch (:meth:`_bisect`)."""
+        self._busy.enter("a forward")
         try:
-            out = forward(self._model, prepared.collated, prepared.keep)
+            out = self._run_steps.forward(self._model, prepared.collated, prepared.keep)
             between()
-            host = to_host(out, [w.config for w in prepared.works])
+            self._busy.enter("a forward")
+            host = self._run_steps.to_host(out, [w.config for w in prepared.works])
         except Exception as error:  # noqa: BLE001 - located by bisection, then handed on
             return self._bisect(prepared, error)
         rows = prepared.collated.rows()
-        served = [self._serve(w, host, row, prepared) for w, row in zip(prepared.works, rows)]
-        return served, 1, prepared.tokens
+        served = [self._slice(w, host, row, prepared) for w, row in zip(prepared.works, rows)]
+        return Executed(served, 1, prepared.tokens)
 
-    def _serve(self, work: Work, host, row: tuple, prepared: Prepared) -> Served:
+    def _slice(self, work: Work, host, row: tuple, prepared: Prepared) -> Served:
         try:
             layers = [prepared.keep.index(i) for i in work.layers]
-            output = slice_output(host, row, work.config, layers)
+            output = self._run_steps.slice_output(host, row, work.config, layers)
         except Exception as error:  # noqa: BLE001 - fails this request only
-            output = error
+            output = service_error(error, "splitting the batch's outputs")
         return Served(work, output, len(prepared.works), prepared.tokens)
 
-    def _bisect(self, prepared: Prepared, error: Exception):
+    def _bisect(self, prepared: Prepared, error: Exception) -> Executed:
         """A failed forward: retry each half; a single sequence gets the error itself.
 
-        Out of memory frees the allocator cache first, and alone becomes DeviceOutOfMemory.
+        Out of memory frees the allocator cache first, and alone becomes
+        :class:`SequenceTooLargeForDevice` (the sequence can never fit: not retryable).
         """
         works = prepared.works
         oom = isinstance(error, torch.OutOfMemoryError)
         if len(works) == 1:
+            length = works[0].length
             if oom:
-                error = DeviceOutOfMemory(
-                    f"a sequence of {works[0].length} tokens does not fit in device memory alone"
-                )
-            return [Served(works[0], error, 1, prepared.tokens)], 1, prepared.tokens
+                log.warning("a sequence of %d tokens does not fit in device memory alone", length)
+                failure = SequenceTooLargeForDevice(length)
+            else:
+                failure = service_error(error, "running the forward", f" ({length} tokens)")
+            return Executed([Served(works[0], failure, 1, prepared.tokens)], 1, prepared.tokens)
         if oom:
             self.stats.oom_splits += 1
             if torch.cuda.is_available():
@@ -304,81 +231,220 @@ class DeviceLoop:
         for part in (works[:half], works[half:]):
             sub = self._prepare(part)
             if sub is not None:
-                part_served, part_forwards, part_paid = self._execute(sub)
-                served += part_served
-                forwards += part_forwards
-                paid += part_paid
-        return served, forwards, paid
+                result = self.execute(sub)
+                served += result.served
+                forwards += result.forwards
+                paid += result.paid
+        return Executed(served, forwards, paid)
 
-    def _update(
-        self, served: list[Served], started: float, compute_ms: float, forwards: int, paid: int
-    ) -> None:
+    # -- update ------------------------------------------------------------------------------
+
+    def update(self, executed: Executed, started: float, compute_ms: float) -> None:
         """Count the pass, hand each result on, queue every unfinished generation's next step.
 
         Counters and ``on_batch`` come first, so that they already include a request's
         forward when its caller sees the result.
         """
+        served = executed.served
         timings = [
             Timing(
                 queue_ms=max(started - item.work.ready, 0.0) * 1000.0,
                 compute_ms=compute_ms,
                 batch_size=item.batch_size,
                 batch_tokens=item.batch_tokens,
-                forwards=forwards,
+                forwards=executed.forwards,
             )
             for item in served
         ]
-        self._count(served, forwards, paid, compute_ms, [t.queue_ms for t in timings])
-        again, finished = [], []
+        self._count(executed, compute_ms, [t.queue_ms for t in timings])
+        if self._pending.failed:
+            return  # a fatal fault failed these works already
+        again, done = [], []
         for item, timing in zip(served, timings):
-            (again if self._finish(item.work, item.output, timing) else finished).append(item.work)
-        with self._cond:
-            for work in again:
-                self._pending[work.key] = work
-            for work in finished:
-                self._generations.discard(work.key)
-            active = len(self._generations)
-        self.stats.active_generations = active
-        self._notify("on_active_generations", active)
+            (again if self._finish(item.work, item.output, timing) else done).append(item.work)
+        active = self._pending.settle(again, done)
+        self._observer.on_active_generations(active)
 
     @staticmethod
     def _finish(work: Work, output: object, timing: Timing) -> bool:
-        if isinstance(output, BaseException):
+        if isinstance(output, ServiceError):
             work.fail(output)
             return False
         try:
             return work.finish(output, timing)
-        except Exception as error:  # noqa: BLE001 - sampling / slicing failed for this one
-            work.fail(error)
+        except Exception as error:  # noqa: BLE001 - sampling / result building, this one only
+            work.fail(service_error(error, work.finish_stage))
             return False
 
-    def _count(self, served, forwards, paid, compute_ms, queue_ms) -> None:
-        stats = self.stats
+    def _count(self, executed: Executed, compute_ms: float, queue_ms: list[float]) -> None:
+        stats, served = self.stats, executed.served
         steps = sum(isinstance(s.work, GenerationWork) for s in served)
         real = sum(s.work.length for s in served)
-        stats.forwards += forwards
+        stats.forwards += executed.forwards
         stats.sequences += len(served)
-        stats.tokens += paid
+        stats.tokens += executed.paid
         stats.real_tokens += real
         stats.generation_steps += steps
-        stats.generation_forwards += forwards if steps else 0
-        self._notify("on_batch", len(served), paid, real, queue_ms, compute_ms, steps)
+        stats.generation_forwards += executed.forwards if steps else 0
+        self._observer.on_batch(len(served), executed.paid, real, queue_ms, compute_ms, steps)
 
-    def _notify(self, hook: str, *args) -> None:
-        """Call an observer hook; a failing observer is logged, never fails the device loop."""
-        try:
-            getattr(self._observer, hook)(*args)
-        except Exception:  # noqa: BLE001 - metrics must not stop the model
-            log.exception("engine observer %s failed", hook)
-
-    def _fail_all(self, error: Exception) -> None:
-        with self._cond:
-            self._state = STOPPED
-            works = list(self._pending.values())
-            self._pending.clear()
-            self._generations.clear()
-            self._waiting_unary = 0
+    def _fail(self, works: list[Work], error: ServiceError) -> None:
         for work in works:
             work.fail(error)
-        self.stats.queue_depth = 0
-        self.stats.active_generations = 0
+        self._pending.forget(works)
+
+
+class DeviceLoop:
+    """The device thread over a pending set, and its watchdog. Submitting is thread-safe.
+
+    ``forward_timeout_s`` (None: no limit) bounds each stage of a pass; ``on_fatal`` gets the
+    reason (a plain sentence) once, from the thread that noticed.
+    """
+
+    def __init__(
+        self,
+        model: ESMC,
+        limits: BatchingConfig,
+        observer: EngineObserver,
+        stats: EngineStats,
+        *,
+        generation_window: int = 2,
+        forward_timeout_s: float | None = None,
+        on_fatal: Callable[[str], None] = lambda reason: None,
+        executor: BatchExecutor | None = None,
+    ):
+        self.stats = stats
+        self.observer = GuardedObserver(observer)
+        self.pending = PendingSet(limits, stats, self.observer, generation_window)
+        self.busy = Busy()
+        self.forward_timeout_s = forward_timeout_s
+        self.fatal: str | None = None
+        executor = executor or BatchExecutor()
+        self._pass = DevicePass(model, self.pending, self.observer, stats, self.busy, executor)
+        self._on_fatal = on_fatal
+        self._fatal_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._watchdog: Watchdog | None = None
+        self._on_idle: Callable[[], None] = lambda: None
+
+    # -- control (any thread) ----------------------------------------------------------------
+
+    def start(self, on_idle: Callable[[], None]) -> None:
+        """Start the device thread and its watchdog; ``on_idle`` is called from the device
+        thread once draining has finished (and once on a fatal fault)."""
+        self._on_idle = on_idle
+        self.pending.open()
+        self._thread = threading.Thread(target=self._main, name="esmc-device", daemon=True)
+        self._thread.start()
+        self._watchdog = Watchdog(self)
+        self._watchdog.start()
+
+    def submit(self, work: Work) -> None:
+        self.pending.submit(work)
+
+    def wake(self) -> None:
+        self.pending.wake()
+
+    def drain(self) -> None:
+        """Refuse new work; run what is pending without waiting for company."""
+        self.pending.drain()
+
+    def halt(self) -> None:
+        """Finish the pass under way, fail everything else with :class:`Unavailable`, exit."""
+        left = self.pending.halt()
+        error = Unavailable("the engine stopped before this request was computed")
+        for work in left:
+            work.fail(error)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the device thread (a hung one after a fatal fault is not waited for)."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if self._thread is not None:
+            self._thread.join(0.5 if self.fatal is not None else timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def die(self, reason: str) -> None:
+        """Fatal fault: fail every accepted call with Unavailable, refuse new ones, report."""
+        with self._fatal_lock:
+            if self.fatal is not None:
+                return
+            self.fatal = reason
+        message = f"the model engine failed ({reason}) and must be restarted; try another replica"
+        works = self.pending.refuse_all(message) or []
+        log.error("engine failed: %s; %d calls in flight fail with UNAVAILABLE", reason, len(works))
+        error = Unavailable(message)
+        for work in works:
+            work.fail(error)
+        self._on_idle()
+        try:
+            self._on_fatal(reason)
+        except Exception:  # noqa: BLE001 - a listener must not hide the fault
+            log.exception("the engine's fatal-fault listener failed")
+
+    # -- the device thread -------------------------------------------------------------------
+
+    def _main(self) -> None:
+        torch.set_grad_enabled(False)  # grad mode is per thread
+        prepared = None
+        try:
+            while True:
+                if prepared is None:
+                    self.busy.leave()
+                    prepared = self._pass.schedule(block=True, on_idle=self._on_idle)
+                    if prepared is None:
+                        return
+                prepared = self._run(prepared)
+        except BaseException as error:  # noqa: BLE001 - fatal: reported, then the thread ends
+            log.critical("the device thread stopped", exc_info=error)
+            self.die("the device thread stopped on an unrecoverable error")
+        finally:
+            self.busy.leave()
+
+    def _run(self, prepared: Prepared) -> Prepared | None:
+        """One pass; an Exception that escaped every finer guard fails this pass's works only."""
+        try:
+            return self._pass.run(prepared, self._on_idle)
+        except Exception as error:  # noqa: BLE001 - the loop goes on
+            failure = service_error(error, "running a batch")
+            for work in prepared.works:
+                work.fail(failure)
+            self.pending.forget(prepared.works)
+            return self._pass.take_lookahead()
+
+
+class Watchdog:
+    """A monitor thread: the device thread gone while the engine runs, or one stage of a pass
+    (a forward, or handing its results on) running past ``forward_timeout_s``, is fatal."""
+
+    def __init__(self, loop: DeviceLoop):
+        self._loop = loop
+        self._stop = threading.Event()
+        limit = loop.forward_timeout_s
+        self._interval = 0.05 if limit is None else min(max(limit / 10, 0.01), 0.25)
+        self._thread = threading.Thread(target=self._main, name="esmc-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _main(self) -> None:
+        loop = self._loop
+        while not self._stop.wait(self._interval):
+            if loop.fatal is not None:
+                return
+            if not loop.alive:
+                if not self._stop.is_set() and loop.pending.state != State.STOPPED:
+                    loop.die("the device thread stopped unexpectedly")
+                return
+            since, limit = loop.busy.since, loop.forward_timeout_s
+            if since is not None and limit is not None and time.monotonic() - since > limit:
+                loop.die(f"{loop.busy.what} ran longer than {limit:g} s (forward_timeout_s)")
+                return

@@ -6,12 +6,16 @@ await its future (or return a generation's stream). The device thread
 (:mod:`esmc_server.device_loop`) batches everything pending, logits work and one step of every
 active generation alike, under one token budget. No protobuf here, and no torch compute on
 the event loop (building a generation's state only copies its tokens and seeds a generator).
+
+A fatal fault of the device thread (see :mod:`esmc_server.device_loop`) fails every call with
+:class:`Unavailable`, sets :attr:`Engine.fatal` and calls the fatal listeners on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +35,10 @@ from esmc.types import (
     SamplingConfig,
 )
 from esmc_server.config import BatchingConfig
-from esmc_server.device_loop import DeviceLoop, EngineObserver
-from esmc_server.errors import DeadlineExceeded, InvalidRequest, Unavailable
+from esmc_server.device_loop import DeviceLoop
+from esmc_server.errors import InvalidRequest, Unavailable
+from esmc_server.execute import BatchExecutor
+from esmc_server.observer import EngineObserver
 from esmc_server.requests import (
     GENERATION_LOGITS,
     EngineStats,
@@ -43,6 +49,8 @@ from esmc_server.requests import (
     OneShotWork,
     StreamChannel,
     Timing,
+    deadline_error,
+    deadline_passed,
 )
 
 __all__ = [
@@ -60,15 +68,66 @@ class Engine:
     """Dynamic batching of logits calls and continuous batching of generations on one model."""
 
     def __init__(
-        self, model: ESMC, batching: BatchingConfig, observer: EngineObserver | None = None
+        self,
+        model: ESMC,
+        batching: BatchingConfig,
+        observer: EngineObserver | None = None,
+        *,
+        forward_timeout_s: float | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+        executor: BatchExecutor | None = None,
     ):
+        """``forward_timeout_s``: a forward (or the handing on of its results) running longer
+        is fatal (None: no limit). ``on_fatal(reason)``: see :meth:`add_fatal_listener`.
+        ``executor``: the steps of a pass (default :class:`BatchExecutor`; tests inject faults)."""
         self.model = model
         self.batching = batching
         self.stats = EngineStats()
-        self._device = DeviceLoop(model, batching, observer or EngineObserver(), self.stats)
+        self._device = DeviceLoop(
+            model,
+            batching,
+            observer or EngineObserver(),
+            self.stats,
+            generation_window=batching.generation_window,
+            forward_timeout_s=forward_timeout_s,
+            on_fatal=self._on_device_fatal,
+            executor=executor,
+        )
         self._keys = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
+        self._fatal_listeners: list[Callable[[str], None]] = []
+        if on_fatal is not None:
+            self._fatal_listeners.append(on_fatal)
+
+    # -- health ------------------------------------------------------------------------------
+
+    @property
+    def fatal(self) -> str | None:
+        """None while healthy; after a fatal fault, the reason (a plain sentence)."""
+        return self._device.fatal
+
+    def add_fatal_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(reason)`` on the engine's event loop once a fatal fault happened
+        (at once, soon, if it already has). By then every call in flight has failed with
+        Unavailable and new calls are refused with Unavailable."""
+        self._fatal_listeners.append(listener)
+        if self.fatal is not None and self._loop is not None:
+            _call_soon(self._loop, lambda: listener(self.fatal))
+
+    def _on_device_fatal(self, reason: str) -> None:
+        """From the device or watchdog thread: hop to the event loop for the listeners."""
+        if self._loop is None:
+            return
+
+        def notify() -> None:
+            for listener in list(self._fatal_listeners):
+                try:
+                    listener(reason)
+                except Exception:  # noqa: BLE001 - one listener must not stop the others
+                    logging.getLogger(__name__).exception("a fatal-fault listener failed")
+
+        _call_soon(self._loop, notify)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -97,10 +156,11 @@ class Engine:
         if self._loop is None:
             return
         self._device.drain()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
-        except TimeoutError:
-            pass
+        if self.fatal is None:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+            except TimeoutError:
+                pass
         self._device.halt()
         await asyncio.to_thread(self._device.join)
 
@@ -155,7 +215,7 @@ class Engine:
             raise InvalidRequest(str(error)) from error
         now = time.monotonic()
         _check_deadline(deadline, now)
-        channel = StreamChannel(loop, on_close=self._device.wake)
+        channel = StreamChannel(loop, on_close=self._device.wake, on_read=self._device.wake)
         work = GenerationWork(
             key=next(self._keys),
             tokens=state.tokens,
@@ -226,13 +286,13 @@ def _cpu_tokens(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _check_deadline(deadline: float | None, now: float) -> None:
-    if deadline is not None and deadline <= now:
-        raise DeadlineExceeded("the deadline passed before the request was queued")
+    if deadline_passed(deadline, now):
+        raise deadline_error("before the request was queued")
 
 
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
-        future.set_exception(DeadlineExceeded("deadline passed before the result was ready"))
+        future.set_exception(deadline_error("before the result was ready"))
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

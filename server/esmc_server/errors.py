@@ -31,10 +31,30 @@ class Unavailable(ServiceError):
     code = "UNAVAILABLE"
 
 
-class DeviceOutOfMemory(ServiceError):
-    """One sequence alone does not fit on the device."""
+class SequenceTooLargeForDevice(InvalidRequest):
+    """One sequence alone does not fit in device memory: retrying can never help."""
 
-    code = "RESOURCE_EXHAUSTED"
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, tokens: int):
+        super().__init__(
+            f"a sequence of {tokens} tokens does not fit in device memory even alone; "
+            "send a shorter sequence"
+        )
+        self.tokens = tokens
+
+
+class InternalError(ServiceError):
+    """A server fault that concerns this request only; the traceback is in the server log.
+
+    The message names the stage that failed and nothing else (no class names, no paths).
+    """
+
+    code = "INTERNAL"
+
+    def __init__(self, stage: str):
+        super().__init__(f"internal error while {stage}; the server logged the details")
+        self.stage = stage
 
 
 class Unauthenticated(ServiceError):

@@ -117,3 +117,24 @@ def slice_output(
         mean_embedding=embeddings[1:-1].mean(0) if config.return_mean_embedding else None,
         mean_hidden_states=hidden[:, 1:-1].mean(1) if config.return_mean_hidden_states else None,
     )
+
+
+class BatchExecutor:
+    """The steps of a pass as one object the engine is given (``Engine(executor=...)``).
+
+    The default runs the functions above; tests subclass it to inject faults at a stage.
+    """
+
+    def collate(self, tokens: Sequence[torch.Tensor], packed: bool, device: torch.device):
+        return collate(tokens, packed, device)
+
+    def forward(self, model: ESMC, batch: Collated, keep: Sequence[int]) -> ESMCOutput:
+        return forward(model, batch, keep)
+
+    def to_host(self, out: ESMCOutput, configs: Sequence[LogitsConfig]) -> HostOutput:
+        return to_host(out, configs)
+
+    def slice_output(
+        self, host: HostOutput, row: tuple, config: LogitsConfig, layers: Sequence[int]
+    ) -> LogitsOutput:
+        return slice_output(host, row, config, layers)

@@ -26,6 +26,19 @@ GENERATION_LOGITS = LogitsConfig(sequence=True)
 """What a generation step needs from its forward: the sequence logits only."""
 
 
+# -- deadlines: the one place that decides whether one passed and what the caller is told ----
+
+
+def deadline_passed(deadline: float | None, now: float) -> bool:
+    """True when ``deadline`` (monotonic seconds, None: none) is at or before ``now``."""
+    return deadline is not None and now >= deadline
+
+
+def deadline_error(when: str) -> DeadlineExceeded:
+    """The error a caller gets when its deadline passed ``when`` (e.g. "during the generation")."""
+    return DeadlineExceeded(f"the deadline passed {when}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Timing:
     queue_ms: float  # from ready (arrival, or the previous step's end) to the forward's start
@@ -106,6 +119,9 @@ class Work:
     def entry(self) -> PendingEntry:
         return PendingEntry(self.key, self.length, self.ready, self.priority)
 
+    finish_stage = "building the result"
+    """What :meth:`finish` does, named in the error the caller gets if it fails."""
+
     def gone(self, now: float) -> bool:
         """True when nobody wants the result any more (checked before each forward)."""
         raise NotImplementedError
@@ -125,12 +141,13 @@ class OneShotWork(Work):
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     make_result: Callable[[LogitsOutput, Timing], Any]
+    finish_stage: str = "building the result"
 
     def gone(self, now: float) -> bool:
         if self.future.done():  # cancelled by the caller or failed by the deadline timer
             return True
-        if self.deadline is not None and now >= self.deadline:
-            self.fail(DeadlineExceeded("deadline passed before the request was computed"))
+        if deadline_passed(self.deadline, now):
+            self.fail(deadline_error("before the request was computed"))
             return True
         return False
 
@@ -146,26 +163,52 @@ class StreamChannel:
     """What a generation's producer (device thread) and consumer (event loop) share.
 
     ``closed`` says the consumer went away or the deadline passed: the device thread drops
-    the generation before its next step. Items are queued on the loop.
+    the generation before its next step. Items are queued on the loop. ``produced`` (device
+    thread) and ``consumed`` (event loop) count items, so the device thread can hold back a
+    generation whose consumer has not taken its earlier steps (:attr:`unread`); the consumer
+    wakes it (``on_read``) when it takes one.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_close: Callable[[], None]):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_close: Callable[[], None],
+        on_read: Callable[[], None] = lambda: None,
+    ):
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.closed = False
+        self.produced = 0  # items pushed (device thread)
+        self.consumed = 0  # items taken by the consumer (event loop)
+        self.ended = False  # the final event or an error was pushed
         self._on_close = on_close
+        self._on_read = on_read
         self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def unread(self) -> int:
+        """Items pushed that the consumer has not taken yet (plain ints: any thread)."""
+        return self.produced - self.consumed
 
     def push(self, item: GenerationEvent | BaseException) -> None:
         """From the device thread: queue an event, or the error that ends the stream."""
+        if self.ended:
+            return  # an error (a deadline, a fatal fault) already ended it
+        self.ended = isinstance(item, BaseException) or item.final
+        self.produced += 1
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # loop closed: nobody is listening
             pass
 
+    def taken(self) -> None:
+        """On the loop: the consumer took one item."""
+        self.consumed += 1
+        self._on_read()
+
     def expire(self) -> None:
         """On the loop, at the deadline: end the stream and stop the generation."""
-        self.queue.put_nowait(DeadlineExceeded("deadline passed during the generation"))
+        self.queue.put_nowait(deadline_error("during the generation"))
         self.close()
 
     def close(self) -> None:
@@ -200,6 +243,7 @@ class GenerationStream:
         except asyncio.CancelledError:
             channel.close()
             raise
+        channel.taken()
         if isinstance(item, BaseException):
             self._end()
             raise item
@@ -238,12 +282,13 @@ class GenerationWork(Work):
 
     state: GenerationState
     stream: StreamChannel
+    finish_stage: str = "sampling the next generation step"
 
     def gone(self, now: float) -> bool:
         if self.stream.closed:
             return True
-        if self.deadline is not None and now >= self.deadline:
-            self.fail(DeadlineExceeded("deadline passed during the generation"))
+        if deadline_passed(self.deadline, now):
+            self.fail(deadline_error("during the generation"))
             return True
         return False
 
