@@ -426,3 +426,64 @@ async def test_cancelling_the_reader_stops_its_generation(make_engine):
     await engine.stop(grace_s=30.0)
     assert engine.stats.generation_steps == 1 and engine.stats.dropped == 1
     assert engine.stats.active_generations == 0
+
+
+# -- backpressure: generations nobody reads ----------------------------------------------------
+
+
+async def _settled(engine, predicate, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("window", [1, 2])
+async def test_unread_generations_stop_after_their_window(make_engine, window):
+    """20 streams of 30 steps that nobody reads cost ``window`` steps each, not 600; a fresh
+    logits call then rides alone; reading one event computes exactly one more step."""
+    engine = await make_engine(max_batch_size=64, max_wait_ms=0, generation_window=window)
+    prompt = masked("MKTAYIAKQRQISFVKSHFSRQISFVKSHFSRQISFVKSHFSRQISFVKSHFSRQ", 1)
+    streams = [engine.generate(prompt, GenerationConfig(num_steps=30), i) for i in range(20)]
+    await _settled(engine, lambda: engine.stats.generation_steps == 20 * window)
+    await asyncio.sleep(0.2)  # nothing more is computed
+    assert engine.stats.generation_steps == 20 * window
+    assert engine.stats.active_generations == 20
+    other = await engine.logits(encode("MKTAYIAK"), LogitsConfig(sequence=True))
+    assert other.timing.batch_size == 1  # no generation step rode with it
+    first = await streams[0].__anext__()
+    assert first.step.step == 0
+    await _settled(engine, lambda: engine.stats.generation_steps == 20 * window + 1)
+    await asyncio.sleep(0.1)
+    assert engine.stats.generation_steps == 20 * window + 1
+    for stream in streams:
+        await stream.aclose()
+    await _settled(engine, lambda: engine.stats.active_generations == 0)
+
+
+async def test_a_read_generation_equals_its_run_alone_with_window_1(model, make_engine):
+    engine = await make_engine(max_wait_ms=0, generation_window=1)
+    cases = generation_cases(3)
+    streams = [engine.generate(tokens, config, seed) for tokens, config, seed in cases]
+    runs = await asyncio.gather(*[_collect(s) for s in streams])
+    for (tokens, config, seed), events in zip(cases, runs):
+        alone = generate(model, tokens, config, seed).sequence
+        assert events[-1].final and events[-1].step.sequence_tokens == tuple(alone.tolist())
+
+
+async def test_finished_unread_streams_count_against_max_queue(make_engine):
+    engine = await make_engine(max_queue=3, max_wait_ms=0)
+    prompt = masked("MKTAYIAKQR", 3)
+    streams = [engine.generate(prompt, GenerationConfig(num_steps=1), i) for i in range(3)]
+    await _settled(engine, lambda: engine.stats.generation_steps == 3)
+    await asyncio.sleep(0.1)
+    assert engine.stats.active_generations == 3  # finished, but the final event is unread
+    with pytest.raises(QueueFull):
+        await engine.logits(encode("MKT"), LogitsConfig(sequence=True))
+    final = await streams[0].__anext__()  # its last event: the slot is free
+    assert final.final
+    await _settled(engine, lambda: engine.stats.active_generations == 2)
+    await engine.logits(encode("MKT"), LogitsConfig(sequence=True))
+    await streams[1].aclose()  # closing an unread stream frees its slot too
+    await _settled(engine, lambda: engine.stats.active_generations == 1)
+    await asyncio.gather(*[engine.logits(encode("MKT"), LogitsConfig(sequence=True)) for _ in "ab"])
