@@ -26,29 +26,75 @@ ROTARY_BASE = 10000.0
 
 @dataclasses.dataclass
 class ESMCOutput:
-    sequence_logits: torch.Tensor  # (B, L, 64) or (T, 64) packed
+    sequence_logits: torch.Tensor | None  # (B, L, 64) or (T, 64) packed; None if not asked
     embeddings: torch.Tensor  # (B, L, d) or (T, d), after the final norm
     hidden_states: torch.Tensor | None  # (layers kept, B, L, d) or (layers kept, T, d)
+
+
+class RotaryCache:
+    """cos/sin tables of rotary positions 0..n-1, kept per (device, dtype) and grown on demand.
+
+    Tables are ``(rows, d_head / 2)`` (both halves share them), angles in fp32 as the reference
+    computes them, then cast to the compute dtype. Rows grow to the next power of two (at least
+    256), so a server sees a handful of rebuilds at most; every forward after that takes views
+    (padded) or one gather (packed). Not part of the state dict.
+    """
+
+    MIN_ROWS = 256
+
+    def __init__(self, d_head: int):
+        self.d_head = d_head
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(
+        self, rows: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (>= rows, d_head / 2) on ``device`` in ``dtype``."""
+        key = (torch.device(device), dtype)
+        cached = self._tables.get(key)
+        if cached is None or cached[0].shape[0] < rows:
+            size = max(self.MIN_ROWS, 1 << max(rows - 1, 0).bit_length())
+            positions = torch.arange(size, device=device)
+            cached = rotary_tables(positions, self.d_head, dtype)
+            self._tables[key] = cached
+        return cached
+
+    def for_length(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0..length-1: views (length, 1, d_head / 2) for x of (..., length, heads, 64)."""
+        cos, sin = self.tables(length, device, dtype)
+        return cos[:length, None], sin[:length, None]
+
+    def for_positions(self, positions: torch.Tensor, max_position: int, dtype):
+        """Any positions (T,), all < ``max_position``: gathered rows (T, 1, d_head / 2)."""
+        cos, sin = self.tables(max_position, positions.device, dtype)
+        return cos[positions, None], sin[positions, None]
 
 
 def rotary_tables(
     positions: torch.Tensor, d_head: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (*positions.shape, 1, d_head), halves layout, fp32 angles."""
+    """cos/sin of shape (*positions.shape, d_head / 2), fp32 angles (one half; both share it)."""
     inv_freq = 1.0 / (
         ROTARY_BASE
         ** (torch.arange(0, d_head, 2, device=positions.device, dtype=torch.float32) / d_head)
     )
     freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., d_head / 2)
-    cos = torch.cos(freqs).to(dtype)
-    sin = torch.sin(freqs).to(dtype)
-    return torch.cat([cos, cos], -1).unsqueeze(-2), torch.cat([sin, sin], -1).unsqueeze(-2)
+    return torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (..., L, heads, d_head); rotate first and second halves (not interleaved)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x: (..., L, heads, d_head); cos/sin: (L, 1, d_head / 2). Halves rotated (not interleaved).
+
+    ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` written as one multiply of both halves
+    by cos into a fresh tensor and two fused multiply-adds into its halves: no concatenation,
+    no negated copy (the reference builds ``cat(-x2, x1)``; the sums are the same).
+    """
+    half = x.shape[-1] // 2
+    out = x.unflatten(-1, (2, half)) * cos.unsqueeze(-2)  # (..., L, heads, 2, half)
+    x1, x2 = x[..., :half], x[..., half:]
+    out[..., 0, :].addcmul_(x2, sin, value=-1)
+    out[..., 1, :].addcmul_(x1, sin)
+    return out.flatten(-2)
 
 
 class Attention(nn.Module):
@@ -63,20 +109,27 @@ class Attention(nn.Module):
         self.k_ln = nn.LayerNorm(d, bias=False)
 
     def forward(self, x: torch.Tensor, layout: SequenceLayout, rotary: tuple) -> torch.Tensor:
-        q, k, v = self.layernorm_qkv(x).chunk(3, dim=-1)  # (..., L, d) each
-        q = self.q_ln(q).to(q.dtype)
-        k = self.k_ln(k).to(q.dtype)
+        q, k, v = self.project(x, rotary)
+        return self.out_proj(layout.attend(q, k, v).flatten(-2))
+
+    def project(self, x: torch.Tensor, rotary: tuple) -> tuple[torch.Tensor, ...]:
+        """q, k, v of shape (..., L, heads, 64): q/k normalised and rotated, v a view."""
+        q, k, v = self.layernorm_qkv(x).chunk(3, dim=-1)  # views of one (..., L, 3d) tensor
+        dtype = q.dtype
         heads = (self.n_heads, self.d_head)
-        q = apply_rotary(q.unflatten(-1, heads), *rotary)  # (..., L, heads, 64)
-        k = apply_rotary(k.unflatten(-1, heads), *rotary)
-        context = layout.attend(q, k, v.unflatten(-1, heads))  # (..., L, heads, 64)
-        return self.out_proj(context.flatten(-2))
+        q = apply_rotary(self.q_ln(q).to(dtype).unflatten(-1, heads), *rotary)
+        k = apply_rotary(self.k_ln(k).to(dtype).unflatten(-1, heads), *rotary)
+        return q, k, v.unflatten(-1, heads)
 
 
 class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        if torch.is_grad_enabled():
+            return F.silu(gate) * up
+        # inference: in place, in the first half of the fc1 output (the next Linear reads the
+        # strided view directly)
+        return F.silu(gate, inplace=True).mul_(up)
 
 
 class Block(nn.Module):
@@ -90,8 +143,20 @@ class Block(nn.Module):
         self.scale = config.residual_scale
 
     def forward(self, x: torch.Tensor, layout: SequenceLayout, rotary: tuple) -> torch.Tensor:
-        x = x + self.attn(x, layout, rotary) / self.scale
-        return x + self.ffn(x) / self.scale
+        q, k, v = self.attn.project(x, rotary)
+        return self.finish(x, layout.attend(q, k, v))
+
+    def finish(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """After attention: out projection, residual, feed-forward, residual.
+
+        Both branches are divided by the residual scale in place (their Linear outputs are
+        fresh tensors that autograd does not keep), which is the reference's ``x + f(x) / s``.
+        """
+        x = x + self._scaled(self.attn.out_proj(context.flatten(-2)))
+        return x + self._scaled(self.ffn(x))
+
+    def _scaled(self, branch: torch.Tensor) -> torch.Tensor:
+        return branch if self.scale == 1.0 else branch.div_(self.scale)
 
 
 class TransformerStack(nn.Module):
@@ -151,7 +216,7 @@ class ESMC(nn.Module):
         tokens = tokens.unsqueeze(0) if tokens.ndim == 1 else tokens  # (B, L)
         layers = hidden_layer_indices(config, self.config.n_layers)
         with autocast_for(self):
-            out = self(tokens, hidden_layers=layers)
+            out = self(tokens, hidden_layers=layers, return_logits=config.sequence)
         residues = residue_mask(tokens)  # (B, L)
         return LogitsOutput(
             logits=ForwardTrackData(sequence=out.sequence_logits if config.sequence else None),
@@ -174,16 +239,21 @@ class ESMC(nn.Module):
         sequence_tokens: torch.Tensor,
         sequence_id: torch.Tensor | None = None,
         hidden_layers: Sequence[int] | None = None,
+        *,
+        return_logits: bool = True,
     ) -> ESMCOutput:
         """Padded forward like the reference: tokens (B, L); pad attends only to pad.
 
         ``hidden_layers``: which block outputs to keep (default all, as the reference).
+        ``return_logits=False`` skips the sequence head (``sequence_logits`` is None): for
+        callers that want embeddings or hidden states only.
         """
         if sequence_id is None:
             sequence_id = sequence_tokens != PAD_ID
-        positions = torch.arange(sequence_tokens.shape[1], device=sequence_tokens.device)
-        layout = PaddedLayout(sequence_id)
-        return self._run(sequence_tokens, positions, layout, hidden_layers)
+        x = self.embed(sequence_tokens)  # (B, L, d)
+        length = sequence_tokens.shape[1]
+        rotary = self._rotary.for_length(length, x.device, self._compute_dtype(x))
+        return self._run(x, rotary, PaddedLayout(sequence_id), hidden_layers, return_logits)
 
     def forward_packed(
         self,
@@ -191,33 +261,51 @@ class ESMC(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         hidden_layers: Sequence[int] | None = (),
+        *,
+        return_logits: bool = True,
     ) -> ESMCOutput:
         """Packed forward: tokens (T,) of sequences end to end, ``cu_seqlens`` (N+1,) int32.
 
         Outputs are (T, ...) in the same order; by default no hidden states are kept.
+        ``return_logits=False`` skips the sequence head. Positions are computed on the device
+        without reading ``cu_seqlens`` back (no host sync on CUDA).
         """
         layout = PackedLayout(cu_seqlens.to(torch.int32), int(max_seqlen))
-        return self._run(tokens, layout.positions(), layout, hidden_layers)
+        x = self.embed(tokens)  # (T, d)
+        positions = layout.positions(tokens.shape[0])
+        rotary = self._rotary.for_positions(positions, int(max_seqlen), self._compute_dtype(x))
+        return self._run(x, rotary, layout, hidden_layers, return_logits)
+
+    @property
+    def _rotary(self) -> RotaryCache:
+        cache = self.__dict__.get("_rotary_cache")
+        if cache is None:  # plain attribute: not a buffer, not in the state dict
+            cache = self.__dict__["_rotary_cache"] = RotaryCache(self.config.d_head)
+        return cache
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.get_autocast_dtype("cuda") if _autocasting(x) else x.dtype
 
     def _run(
         self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
         layout: SequenceLayout,
         hidden_layers: Sequence[int] | None,
+        return_logits: bool,
     ) -> ESMCOutput:
-        keep = range(self.config.n_layers) if hidden_layers is None else hidden_layers
-        keep = set(keep)
-        x = self.embed(tokens)  # (B, L, d) or (T, d)
-        compute_dtype = torch.get_autocast_dtype("cuda") if _autocasting(x) else x.dtype
-        rotary = rotary_tables(positions, self.config.d_head, compute_dtype)
+        keep = set(range(self.config.n_layers) if hidden_layers is None else hidden_layers)
+        compiled = self.__dict__.get("compiled_blocks")  # set by esmc.compiled.compile_blocks
         hiddens = []
         for i, block in enumerate(self.transformer.blocks):
-            x = block(x, layout, rotary)
+            if compiled is None:
+                x = block(x, layout, rotary)
+            else:
+                x = compiled(block, x, layout, rotary)
             if i in keep:
                 hiddens.append(x)
         embeddings = self.transformer.norm(x)
-        logits = self.sequence_head(embeddings)
+        logits = self.sequence_head(embeddings) if return_logits else None
         hidden_states = torch.stack(hiddens) if hiddens else None
         return ESMCOutput(logits, embeddings, hidden_states)
 

@@ -1,0 +1,28 @@
+"""benchmarks.bench_peers puts the same weights in the official ``esm`` ESMC, ``transformers``'
+EsmcForMaskedLM and this project's ESMC: their logits agree (a timing-free check of the table's
+last column and of the weight mapping)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import bench_peers
+
+pytestmark = pytest.mark.parity
+
+
+def test_peers_agree_on_the_same_weights(tmp_path):
+    fasta = tmp_path / "p.fasta"
+    fasta.write_text(">a\nMKTAYIAKQRQISFVKSHFSRQ\n>b\nMLKNVQVLV\n>c\nACDEFGHIKLMNPQRSTVWYACDEFG\n")
+    payload = bench_peers.main([
+        "--config", "esmc-tiny", "--fasta", str(fasta), "--proteins", "3", "--rounds", "1",
+        "--batch-size", "2",
+        "--ways", "esm-one,esm-batch,hf-one,hf-batch,esmc-one,esmc-packed,ceiling-one,ceiling-packed",
+    ])
+    rows = {r["way"]: r for r in payload["rows"]}
+    assert payload["residues"] == 22 + 9 + 26
+    for way in ("esm-one", "esm-batch", "hf-one", "hf-batch", "esmc-one", "esmc-packed"):
+        assert rows[way]["agreement"] <= 1e-5, way
+        assert rows[way]["residues_per_s"] > 0
+    assert rows["esm-one"]["agreement"] == 0.0  # the reference itself
+    assert rows["ceiling-one"]["agreement"] is None and rows["ceiling-one"]["of_ceiling"] == 1.0
