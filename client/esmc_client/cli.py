@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from esmc_client import score_cli
 from esmc_client.channel import DEFAULT_TARGET
 from esmc_client.client import ESMCClient
 from esmc_client.fasta import read_fasta
@@ -106,6 +107,7 @@ def build_parser(default_target: str = DEFAULT_TARGET) -> argparse.ArgumentParse
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print the sequence at every step")
     gen.set_defaults(run=cmd_generate)
+    score_cli.register(sub, common)
     return parser
 
 

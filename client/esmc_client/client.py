@@ -31,6 +31,7 @@ from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_client.bulk import EmbedChunk, make_chunks
 from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, channel_options
+from esmc_client.scoring import AsyncScoringCalls, ScoringCalls
 from esmc_client.security import auth_metadata, tls_credentials
 from esmc_client.requests import ProteinLike
 from esmc_client.retry import CallRetries, RetryBudget, RetryPolicy
@@ -91,7 +92,7 @@ class _ClientBase:
         return CallRetries(self.retry, self.retry_budget, timeout)
 
 
-class ESMCClient(_ClientBase):
+class ESMCClient(ScoringCalls, _ClientBase):
     """Blocking client.
 
     Args:
@@ -362,7 +363,7 @@ class ESMCClient(_ClientBase):
             call.cancel()
 
 
-class AsyncESMCClient(_ClientBase):
+class AsyncESMCClient(AsyncScoringCalls, _ClientBase):
     """asyncio client (``grpc.aio``), same arguments and methods as :class:`ESMCClient`.
 
     Create it inside the event loop that uses it.

@@ -1,0 +1,242 @@
+"""Variant scores and pseudo-log-likelihoods: requests, responses, and the client methods.
+
+``ScoringCalls`` and ``AsyncScoringCalls`` are mixed into :class:`ESMCClient` and
+:class:`AsyncESMCClient` (they use the clients' ``_stub``, ``_unary`` and ``_kwargs``)::
+
+    with ESMCClient("127.0.0.1:50051") as client:
+        scores = client.score_variants("MKTAYIAK", ["K2P", "K2P:A4D"])  # (2,) float32
+        table = client.saturation_map("MKTAYIAK")  # (8, 20), columns AMINO_ACIDS
+        results = client.pseudo_log_likelihood(["MKTAYIAK", "MLLV"])
+
+Methods: ``"masked-marginals"`` (default), ``"wt-marginals"``, ``"pseudo-likelihood"``;
+normalizations: ``"full"`` (log_softmax over the 64 logits, default) or ``"amino-acids"``.
+Positions are 1-based; ``offset`` is subtracted from each. See the README for the definitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+import numpy as np
+
+from esmc_client import responses as rs
+from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_client.tensors import to_numpy
+from esmc_client.types import ESMCError, ResponseMetadata
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+METHODS = {
+    "masked-marginals": pb.MASKED_MARGINALS,
+    "wt-marginals": pb.WT_MARGINALS,
+    "pseudo-likelihood": pb.PSEUDO_LIKELIHOOD,
+}
+NORMALIZATIONS = {"full": pb.NORMALIZATION_FULL, "amino-acids": pb.NORMALIZATION_AMINO_ACIDS}
+
+
+@dataclass(frozen=True)
+class VariantScores:
+    scores: np.ndarray  # (variants,) float32, input order
+    saturation_map: np.ndarray | None  # (L, 20) when asked for
+    columns: str  # column order of saturation_map
+    masked_copies: int  # sequence forwards the request needed on the server
+    metadata: ResponseMetadata
+
+
+@dataclass(frozen=True)
+class PseudoLogLikelihood:
+    id: str
+    pseudo_log_likelihood: float | None
+    pseudo_perplexity: float | None
+    log_probs: np.ndarray | None  # (L,) log p(s_i | s, i masked)
+    error: ESMCError | None = None
+    metadata: ResponseMetadata | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# -- requests and responses ------------------------------------------------------------------
+
+
+def _sequence(protein: Any) -> str:
+    sequence = getattr(protein, "sequence", protein)
+    if not isinstance(sequence, str):
+        raise ValueError("scoring takes a protein sequence string (or an object with .sequence)")
+    return sequence
+
+
+def _enum(table: dict, value: str, what: str) -> int:
+    if value not in table:
+        raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(table)}")
+    return table[value]
+
+
+def score_request(
+    wild_type: Any,
+    variants: Iterable[str],
+    method: str = "masked-marginals",
+    *,
+    offset: int = 0,
+    joint_masking: bool = False,
+    normalization: str = "full",
+    saturation_map: bool = False,
+) -> pb.ScoreVariantsRequest:
+    return pb.ScoreVariantsRequest(
+        wild_type=pb.ESMProtein(sequence=_sequence(wild_type)),
+        variants=list(variants),
+        method=_enum(METHODS, method, "method"),
+        offset=int(offset),
+        joint_masking=bool(joint_masking),
+        normalization=_enum(NORMALIZATIONS, normalization, "normalization"),
+        include_saturation_map=bool(saturation_map),
+    )
+
+
+def parse_scores(message: pb.ScoreVariantsResponse) -> VariantScores:
+    return VariantScores(
+        scores=to_numpy(message.scores),
+        saturation_map=rs.optional_tensor(message, "saturation_map"),
+        columns=message.saturation_columns or AMINO_ACIDS,
+        masked_copies=message.masked_copies,
+        metadata=rs.parse_metadata(message.metadata),
+    )
+
+
+def pll_request(request_id: str, protein: Any, normalization: str = "full"):
+    return pb.PseudoLogLikelihoodRequest(
+        id=request_id,
+        protein=pb.ESMProtein(sequence=_sequence(protein)),
+        normalization=_enum(NORMALIZATIONS, normalization, "normalization"),
+    )
+
+
+def parse_pll(message: pb.PseudoLogLikelihoodResponse) -> PseudoLogLikelihood:
+    metadata = rs.parse_metadata(message.metadata)
+    if message.HasField("error"):
+        error = ESMCError(message.error.code or "UNKNOWN", message.error.message)
+        return PseudoLogLikelihood(message.id, None, None, None, error, metadata)
+    return PseudoLogLikelihood(
+        id=message.id,
+        pseudo_log_likelihood=message.pseudo_log_likelihood,
+        pseudo_perplexity=message.pseudo_perplexity,
+        log_probs=to_numpy(message.log_probs),
+        metadata=metadata,
+    )
+
+
+def _many(proteins: Any) -> list[tuple[str, Any]] | None:
+    """``(id, protein)`` pairs when ``proteins`` holds many; None for one protein."""
+    if isinstance(proteins, str) or hasattr(proteins, "sequence"):
+        return None
+    if isinstance(proteins, Mapping):
+        return [(str(k), v) for k, v in proteins.items()]
+    return [
+        item if isinstance(item, tuple) and len(item) == 2 else (str(i), item)
+        for i, item in enumerate(proteins)
+    ]
+
+
+def _in_input_order(items: list[tuple[str, Any]], results: dict[str, Any]) -> list:
+    """Results keyed by wire id (the position) back in input order, with the caller's ids."""
+    out = []
+    for i, (name, _) in enumerate(items):
+        result = results.get(str(i))
+        if result is None:
+            error = ESMCError("DATA_LOSS", "the stream ended without an answer for this protein")
+            result = PseudoLogLikelihood(str(i), None, None, None, error)
+        out.append(replace(result, id=name))
+    return out
+
+
+# -- client methods ------------------------------------------------------------------------
+
+
+class ScoringCalls:
+    """Scoring methods of the blocking client."""
+
+    def score(self, wild_type: Any, variants: Iterable[str] = (), method: str = "masked-marginals",
+              *, offset: int = 0, joint_masking: bool = False, normalization: str = "full",
+              saturation_map: bool = False, timeout: float | None = None) -> VariantScores:
+        """Scores, the optional site-saturation map and how the server served them."""
+        request = score_request(wild_type, variants, method, offset=offset,
+                                joint_masking=joint_masking, normalization=normalization,
+                                saturation_map=saturation_map)
+        return parse_scores(self._unary(self._stub.ScoreVariants, request, timeout))
+
+    def score_variants(self, wild_type: Any, variants: Iterable[str],
+                       method: str = "masked-marginals", **options) -> np.ndarray:
+        """One score per variant (float32, input order); options as :meth:`score`."""
+        return self.score(wild_type, variants, method, **options).scores
+
+    def saturation_map(self, wild_type: Any, method: str = "masked-marginals",
+                       **options) -> np.ndarray:
+        """(L, 20) ``log p(aa | context) - log p(wt | context)``, columns :data:`AMINO_ACIDS`."""
+        return self.score(wild_type, (), method, saturation_map=True, **options).saturation_map
+
+    def pseudo_log_likelihood(self, proteins: Any, *, normalization: str = "full",
+                              timeout: float | None = None):
+        """One protein -> :class:`PseudoLogLikelihood` (errors raise :class:`ESMCError`);
+        many (a list, ``(id, protein)`` pairs or a mapping) -> a list in input order over one
+        stream, each with its own ``error``."""
+        items = _many(proteins)
+        if items is None:
+            request = pll_request("", proteins, normalization)
+            return parse_pll(self._unary(self._stub.PseudoLogLikelihood, request, timeout))
+        requests = [pll_request(str(i), p, normalization) for i, (_, p) in enumerate(items)]
+        return _in_input_order(items, self._pll_stream(iter(requests), timeout))
+
+    def _pll_stream(self, requests: Iterator, timeout) -> dict[str, PseudoLogLikelihood]:
+        call = self._stub.PseudoLogLikelihoodStream(requests, **self._kwargs(timeout))
+        try:
+            return {m.id: parse_pll(m) for m in call}
+        except grpc.RpcError as error:
+            raise rs.rpc_error(error) from error
+        finally:
+            call.cancel()
+
+
+class AsyncScoringCalls:
+    """Scoring methods of the asyncio client (see :class:`ScoringCalls`)."""
+
+    async def score(self, wild_type: Any, variants: Iterable[str] = (),
+                    method: str = "masked-marginals", *, offset: int = 0,
+                    joint_masking: bool = False, normalization: str = "full",
+                    saturation_map: bool = False, timeout: float | None = None) -> VariantScores:
+        request = score_request(wild_type, variants, method, offset=offset,
+                                joint_masking=joint_masking, normalization=normalization,
+                                saturation_map=saturation_map)
+        return parse_scores(await self._unary(self._stub.ScoreVariants, request, timeout))
+
+    async def score_variants(self, wild_type: Any, variants: Iterable[str],
+                             method: str = "masked-marginals", **options) -> np.ndarray:
+        return (await self.score(wild_type, variants, method, **options)).scores
+
+    async def saturation_map(self, wild_type: Any, method: str = "masked-marginals",
+                             **options) -> np.ndarray:
+        result = await self.score(wild_type, (), method, saturation_map=True, **options)
+        return result.saturation_map
+
+    async def pseudo_log_likelihood(self, proteins: Any, *, normalization: str = "full",
+                                    timeout: float | None = None):
+        items = _many(proteins)
+        if items is None:
+            request = pll_request("", proteins, normalization)
+            return parse_pll(await self._unary(self._stub.PseudoLogLikelihood, request, timeout))
+        requests = [pll_request(str(i), p, normalization) for i, (_, p) in enumerate(items)]
+        call = self._stub.PseudoLogLikelihoodStream(_aiter(requests), **self._kwargs(timeout))
+        try:
+            results = {m.id: parse_pll(m) async for m in call}
+        except grpc.RpcError as error:
+            raise rs.rpc_error(error) from error
+        finally:
+            call.cancel()
+        return _in_input_order(items, results)
+
+
+async def _aiter(items: list) -> AsyncIterator:
+    for item in items:
+        yield item
