@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from esmc.config import ESMCConfig
 from esmc.model import ESMC
-from esmc_client import AsyncESMCClient, ESMCClient, ESMCError, LogitsConfig
+from esmc_client import AsyncESMCClient, ESMCClient, ESMCError, GenerationConfig, LogitsConfig
 from esmc_client.cli import main as cli_main
 from esmc_server import auth
 from esmc_server.app import create_server
@@ -298,6 +298,22 @@ def test_tokens_rotate_on_sighup(tmp_path):
     assert "auth tokens reloaded" in log and "previous ones stay in force" in log
     assert "plaintext" in log  # the start-up warning
     assert TOKEN not in log and OTHER_TOKEN not in log
+
+
+def test_connections_aged_out_do_not_fail_calls(loop, model):
+    """GOAWAY every 0.3 s (max_connection_age): a long stream and unary calls all complete."""
+    settings = dict(max_connection_age_s=0.3, max_connection_age_grace_s=30.0)
+    with serving(loop, model, **settings) as served, ESMCClient(served.target) as client:
+        t0 = time.monotonic()
+        steps = []
+        for step in client.generate_stream("M" + "_" * 40, GenerationConfig(num_steps=40), 1):
+            steps.append(step)
+            time.sleep(0.02)  # a slow reader: the stream outlives several connection ages
+        calls = 0
+        while time.monotonic() - t0 < 2.5:
+            client.logits("MKTAYIAKQR", timeout=30)
+            calls += 1
+    assert steps[-1].final and [s.step for s in steps[:-1]] == list(range(1, 41)) and calls > 5
 
 
 # --- TLS and mutual TLS ---------------------------------------------------------------------

@@ -31,6 +31,7 @@ from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_client.bulk import EmbedChunk, make_chunks
 from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, channel_options
+from esmc_client.replay import GenerationReplay, replay_seed
 from esmc_client.scoring import AsyncScoringCalls, ScoringCalls
 from esmc_client.security import auth_metadata, tls_credentials
 from esmc_client.requests import ProteinLike
@@ -193,25 +194,28 @@ class ESMCClient(ScoringCalls, _ClientBase):
         ``step`` None); closing the iterator cancels the call.
 
         ``timeout`` is a deadline for the whole stream. A call refused before its first
-        message is retried like a unary call.
+        message is retried like a unary call; so is one whose server goes away mid-stream:
+        the same seeded request is sent again, possibly to another replica, and the steps
+        already yielded are skipped (:mod:`esmc_client.replay`). Without a ``seed`` the
+        client picks one so that this is possible.
         """
-        request = rq.generate_request(protein, config, seed)
+        request = rq.generate_request(protein, config, replay_seed(seed))
         retries = self._retries(timeout)
+        replay = GenerationReplay()
         while True:
             call = self._stub.Generate(request, **self._kwargs(retries.remaining()))
-            received = False
             try:
                 for message in call:
-                    received = True
-                    yield rs.parse_generate(message)
+                    step = rs.parse_generate(message)
+                    if replay.accept(step):
+                        yield step
                 return
             except grpc.RpcError as rpc:
                 error = rs.rpc_error(rpc, retries.attempts)
-                delay = None
-                if not received:
-                    delay = retries.next_delay(error.code, error.message, error.pushback_ms)
+                delay = retries.next_delay(error.code, error.message, error.pushback_ms)
                 if delay is None:
                     raise error from rpc
+                replay.resuming(error, retries.attempts)
             finally:
                 call.cancel()
             time.sleep(delay)
@@ -444,23 +448,23 @@ class AsyncESMCClient(AsyncScoringCalls, _ClientBase):
         timeout: float | None = None,
     ) -> AsyncIterator[GenerateStep]:
         """See :meth:`ESMCClient.generate_stream`."""
-        request = rq.generate_request(protein, config, seed)
+        request = rq.generate_request(protein, config, replay_seed(seed))
         retries = self._retries(timeout)
+        replay = GenerationReplay()
         while True:
             call = self._stub.Generate(request, **self._kwargs(retries.remaining()))
-            received = False
             try:
                 async for message in call:
-                    received = True
-                    yield rs.parse_generate(message)
+                    step = rs.parse_generate(message)
+                    if replay.accept(step):
+                        yield step
                 return
             except grpc.aio.AioRpcError as rpc:
                 error = rs.rpc_error(rpc, retries.attempts)
-                delay = None
-                if not received:
-                    delay = retries.next_delay(error.code, error.message, error.pushback_ms)
+                delay = retries.next_delay(error.code, error.message, error.pushback_ms)
                 if delay is None:
                     raise error from rpc
+                replay.resuming(error, retries.attempts)
             finally:
                 call.cancel()
             await asyncio.sleep(delay)
