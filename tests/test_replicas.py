@@ -246,3 +246,34 @@ def restart_and_rejoin(client, replicas, victim: int, weights: str, options) -> 
             assert time.monotonic() - t0 < 15, "the restarted replica got no call in 15 s"
         seconds = time.monotonic() - t0
     return seconds
+
+
+def _step(step, sequence, final=False):
+    from esmc_client.types import GenerateStep
+
+    return GenerateStep(
+        step=None if final else step, num_steps=3, positions=(), tokens=(), probabilities=(),
+        entropies=(), temperature=1.0, sequence=sequence, final=final, protein=None,
+        protein_tensor=None, metadata=None,
+    )
+
+
+@pytest.mark.unit
+def test_replay_skips_delivered_steps_and_refuses_a_different_generation():
+    from esmc_client.replay import GenerationReplay, replay_seed
+    from esmc_client.types import ESMCError
+
+    replay = GenerationReplay()
+    assert [replay.accept(_step(1, "MA_")), replay.accept(_step(2, "MAK"))] == [True, True]
+    # the request sent again: steps 1-2 come again and are skipped, step 3 is new
+    assert [replay.accept(_step(1, "MA_")), replay.accept(_step(2, "MAK"))] == [False, False]
+    assert replay.accept(_step(3, "MAKV")) and replay.accept(_step(None, "MAKV", final=True))
+    assert not replay.accept(_step(None, "MAKV", final=True))
+    other = GenerationReplay()
+    other.accept(_step(1, "MA_"))
+    with pytest.raises(ESMCError, match="differs at step 1") as error:
+        other.accept(_step(1, "MC_"))  # another model on the replica the request went to
+    with pytest.raises(ESMCError, match="skipped"):
+        GenerationReplay().accept(_step(2, "MAK"))
+    assert replay_seed(7) == 7 and replay_seed(None) != replay_seed(None)
+    assert error.value.code == "DATA_LOSS"
