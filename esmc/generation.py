@@ -25,9 +25,12 @@ from esmc.inference import run_logits
 from esmc.model import ESMC
 from esmc.sampling import (
     NoMasksError,
+    RowSettings,
     SampledLogits,
     SamplingConfigError,
+    SamplingRows,
     allowed_ids,
+    prepare_rows,
     sample_logits_step,
     step_temperature,
     tokens_to_fill,
@@ -160,23 +163,30 @@ class GenerationState:
 
     def advance(self, logits: torch.Tensor) -> GenerationStep:
         """One step from this protein's logits (L+2, 64) of a forward on :attr:`tokens`."""
+        return advance_all([self], [logits])[0]
+
+    def settings(self) -> RowSettings:
+        """How the next step samples: this step's temperature, top-p, the ids allowed."""
         if self.done:
             raise RuntimeError("this generation is finished; advance() has nothing to do")
+        temperature = step_temperature(
+            self._step, self.num_steps, self.config.temperature, self.config.temperature_annealing
+        )
+        return RowSettings(temperature, self.config.top_p, self._allowed)
+
+    def check_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` as CPU float32 after checking its shape is (L+2, 64)."""
         if tuple(logits.shape) != (len(self), EMBED_ROWS):
             raise ValueError(
                 f"expected logits of shape ({len(self)}, {EMBED_ROWS}), got {tuple(logits.shape)}"
             )
-        logits = logits.detach().to("cpu", torch.float32)
-        temperature = step_temperature(
-            self._step, self.num_steps, self.config.temperature, self.config.temperature_annealing
-        )
-        sampled = sample_logits_step(
-            logits,
-            temperature=temperature,
-            top_p=self.config.top_p,
-            allowed=self._allowed,
-            generator=self._generator,
-        )
+        return logits.detach().to("cpu", torch.float32)
+
+    def advance_from(self, rows: SamplingRows) -> GenerationStep:
+        """One step from this protein's prepared rows (:func:`prepare_steps`): the random
+        draw with this request's own generator, then the positions this step fills."""
+        temperature = self.settings().temperature
+        sampled = rows.draw(self._generator)
         where = self._positions_to_fill(sampled)  # (K,) token positions, ascending
         self._tokens[where] = sampled.tokens[where]
         self._step += 1
@@ -208,6 +218,30 @@ class GenerationState:
         return where.sort().values
 
 
+# -- many states at once ---------------------------------------------------------------------
+
+
+def prepare_steps(
+    states: Sequence[GenerationState], logits: Sequence[torch.Tensor]
+) -> list[SamplingRows]:
+    """The next step of every state up to its random draw, over all their rows at once
+    (filtering, temperature, top-p, softmax and entropy in one pass; no generator is used).
+    ``logits[i]``: state ``i``'s (L_i+2, 64) logits. Raises before any state changes."""
+    if len(states) != len(logits):
+        raise ValueError("one logits tensor per generation state is required")
+    checked = [state.check_logits(x) for state, x in zip(states, logits)]
+    return prepare_rows(checked, [state.settings() for state in states])
+
+
+def advance_all(
+    states: Sequence[GenerationState], logits: Sequence[torch.Tensor]
+) -> list[GenerationStep]:
+    """One step of every state (batched sampling, then each state's own draws): each state
+    gets exactly the step it would get from :meth:`GenerationState.advance` alone."""
+    rows = prepare_steps(states, logits)
+    return [state.advance_from(r) for state, r in zip(states, rows)]
+
+
 # -- driving states with the library's forwards ----------------------------------------------
 
 
@@ -233,9 +267,7 @@ def batch_generate(
     states = [GenerationState(x, c, s) for x, c, s in zip(inputs, configs, seeds)]
     active = list(states)
     while active:
-        logits = sequence_logits(model, [s.tokens for s in active])
-        for state, rows in zip(active, logits):
-            state.advance(rows)
+        advance_all(active, sequence_logits(model, [s.tokens for s in active]))
         active = [s for s in active if not s.done]
     return [_as_input_type(x, s.tokens) for x, s in zip(inputs, states)]
 

@@ -107,24 +107,33 @@ def allowed_ids(
     return allowed
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """Per row keep the most likely ids whose cumulative probability is <= ``top_p``.
 
-    The best id is always kept. The others get the dtype's lowest finite value (as the
-    reference does, not -inf). Returns a new tensor; ``logits`` is not changed.
+    ``top_p``: one value (>= 1: no filtering), or one per row as an (N, 1) tensor in the
+    logits' dtype where ``inf`` marks a row that is not filtered. The best id is always kept.
+    The others get the dtype's lowest finite value (as the reference does, not -inf).
+    Returns a new tensor (``logits`` itself when no row is filtered).
     """
-    if top_p >= 1.0:
+    if not isinstance(top_p, torch.Tensor):
+        if top_p >= 1.0:
+            return logits
+        top_p = torch.tensor(top_p, dtype=logits.dtype, device=logits.device)
+    if bool(torch.isinf(top_p).all()):
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    threshold = torch.tensor(top_p, dtype=logits.dtype, device=logits.device)
-    keep_sorted = sorted_logits.softmax(-1).cumsum(-1) <= threshold  # (N, 64)
+    keep_sorted = sorted_logits.softmax(-1).cumsum(-1) <= top_p  # (N, 64)
     keep_sorted[..., 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
 
 
-def filter_logits(logits: torch.Tensor, top_p: float, allowed: torch.Tensor) -> torch.Tensor:
-    """Top-p first, then ids that may not be sampled to -inf (the reference's order)."""
+def filter_logits(
+    logits: torch.Tensor, top_p: float | torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """Top-p first, then ids that may not be sampled to -inf (the reference's order).
+
+    ``allowed``: (64,) for every row, or (N, 64) per row."""
     return top_p_filter(logits, top_p).masked_fill(~allowed, -torch.inf)
 
 
@@ -136,7 +145,7 @@ def entropy(log_probs: torch.Tensor) -> torch.Tensor:
 def tempered_probabilities(
     filtered_logits: torch.Tensor, temperature: torch.Tensor
 ) -> torch.Tensor:
-    """softmax(logits / T) per row, (N, 64); T is a positive float32 scalar tensor.
+    """softmax(logits / T) per row, (N, 64); T is a positive float32 scalar or (N, 1) tensor.
 
     A row left without a finite logit (top-p kept only ids that may not be sampled, and
     T < 1 pushed the rest to -inf) falls back to its argmax instead of NaN.
@@ -159,6 +168,81 @@ class SampledLogits:
     log_probs: torch.Tensor  # (N, 64) untempered filtered log-softmax
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+    """How one request samples its rows."""
+
+    temperature: float
+    top_p: float
+    allowed: torch.Tensor  # (64,) bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRows:
+    """One request's rows, filtered and softmaxed, waiting for its random draw."""
+
+    filtered: torch.Tensor  # (N, 64) filtered logits
+    log_probs: torch.Tensor  # (N, 64) untempered filtered log-softmax
+    entropy: torch.Tensor  # (N,)
+    probs: torch.Tensor | None  # (N, 64) tempered probabilities; None at temperature 0
+
+    def draw(self, generator: torch.Generator | None) -> SampledLogits:
+        """Temperature 0 takes the argmax (no random draw); otherwise one multinomial draw
+        per row with ``generator`` (the only step that uses randomness)."""
+        if self.probs is None:
+            tokens = self.filtered.argmax(-1)
+            probabilities = torch.ones_like(self.entropy)
+        else:
+            tokens = torch.multinomial(self.probs, 1, generator=generator).squeeze(-1)
+            probabilities = self.probs.gather(-1, tokens[:, None]).squeeze(-1)
+        return SampledLogits(tokens, probabilities, self.entropy, self.log_probs)
+
+
+def prepare_rows(logits: Sequence[torch.Tensor], settings: Sequence[RowSettings]) -> list[SamplingRows]:
+    """Filtering, temperature, top-p, softmax and entropy for many requests' rows at once.
+
+    ``logits[i]`` (N_i, 64) are request ``i``'s rows, sampled per ``settings[i]``. Every row
+    is computed exactly as it would be alone (row-wise operations only), so a request's
+    draw gives the same ids whatever it is batched with. Only :meth:`SamplingRows.draw`
+    remains, per request, with its own generator.
+    """
+    if len(logits) != len(settings):
+        raise ValueError("one RowSettings per logits block is required")
+    if not logits:
+        return []
+    rows = torch.cat(list(logits)) if len(logits) > 1 else logits[0]  # (T, 64)
+    dtype, device = rows.dtype, rows.device
+    counts = torch.tensor([int(x.shape[0]) for x in logits], device=device)
+
+    def per_row(values: list[float]) -> torch.Tensor:  # (T, 1) in the logits' dtype
+        column = torch.tensor(values, dtype=dtype, device=device)
+        return column.repeat_interleave(counts)[:, None]
+
+    top_p = per_row([s.top_p if s.top_p < 1.0 else math.inf for s in settings])
+    allowed = torch.stack([s.allowed.to(device) for s in settings]).repeat_interleave(counts, 0)
+    filtered = filter_logits(rows, top_p, allowed)  # (T, 64)
+    log_probs = filtered.log_softmax(-1)
+    row_entropy = entropy(log_probs)  # (T,)
+    temperatures = per_row([s.temperature for s in settings])
+    tempered = temperatures != 0
+    probs = None
+    if bool(tempered.any()):
+        probs = tempered_probabilities(filtered, torch.where(tempered, temperatures, 1.0))
+    out, start = [], 0
+    for x, t in zip(logits, temperatures[counts.cumsum(0) - 1, 0].tolist()):
+        part = slice(start, start + int(x.shape[0]))
+        start = part.stop
+        out.append(
+            SamplingRows(
+                filtered[part],
+                log_probs[part],
+                row_entropy[part],
+                None if t == 0 else probs[part],
+            )
+        )
+    return out
+
+
 def sample_logits_step(
     logits: torch.Tensor,
     *,
@@ -173,18 +257,8 @@ def sample_logits_step(
     row from softmax(filtered / T) with ``generator``. The sampling runs on the logits'
     device; pass CPU float32 logits and a CPU generator for reproducible runs.
     """
-    filtered = filter_logits(logits, top_p, allowed.to(logits.device))  # (N, 64)
-    log_probs = filtered.log_softmax(-1)
-    row_entropy = entropy(log_probs)  # (N,)
-    t = torch.tensor(temperature, dtype=logits.dtype, device=logits.device)
-    if t == 0:
-        tokens = filtered.argmax(-1)
-        probabilities = torch.ones_like(row_entropy)
-    else:
-        probs = tempered_probabilities(filtered, t)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        probabilities = probs.gather(-1, tokens[:, None]).squeeze(-1)
-    return SampledLogits(tokens, probabilities, row_entropy, log_probs)
+    settings = RowSettings(temperature, top_p, allowed)
+    return prepare_rows([logits], [settings])[0].draw(generator)
 
 
 # -- validation ------------------------------------------------------------------------------

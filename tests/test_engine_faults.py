@@ -33,9 +33,10 @@ from helpers_server import (
     to_numpy,
 )
 
+from esmc.generation import generate
 from esmc.inference import run_logits
 from esmc.tokenizer import encode
-from esmc.types import LogitsConfig
+from esmc.types import GenerationConfig, LogitsConfig
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server.engine import Engine, EngineObserver
@@ -129,6 +130,43 @@ async def test_an_exception_fails_only_its_request(model, stage, message, caplog
         again = await srv.stub.Logits(protein_request(GOOD[1], sequence=True), timeout=30)
         assert_exact(model, GOOD[1], again)
         assert srv.server.engine.fatal is None
+
+
+async def test_a_sampling_exception_fails_only_its_generation(model, caplog):
+    """Generation steps are sampled together; a failure there is located per generation."""
+    prompts = ["MKT____LLAQRST__", POISON.replace("LLA", "L__A"), "MSHH__GYG_HNG"]
+    async with faulty_server(model, executor=FaultyExecutor("sample")) as srv:
+        with caplog.at_level(logging.ERROR):
+            outcomes = await asyncio.gather(
+                *[_collect(srv.stub.Generate(_generate_request(p, i), timeout=60))
+                  for i, p in enumerate(prompts)],
+                return_exceptions=True,
+            )
+        bad = outcomes[1]
+        assert bad.code() == grpc.StatusCode.INTERNAL
+        assert bad.details() == (
+            "internal error while sampling the next generation step; "
+            "the server logged the details"
+        )
+        for i in (0, 2):
+            expected = generate(model, encode(prompts[i]), GenerationConfig(num_steps=3), seed=i)
+            final = outcomes[i][-1]
+            assert final.final and list(final.protein_tensor.sequence) == expected.sequence.tolist()
+        logged = [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+        assert len(logged) == 1
+        await srv.assert_serving()
+
+
+def _generate_request(sequence: str, seed: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        protein=pb.ESMProtein(sequence=sequence),
+        config=pb.GenerationConfig(num_steps=3),
+        seed=seed,
+    )
+
+
+async def _collect(stream) -> list:
+    return [message async for message in stream]
 
 
 async def test_a_failing_observer_never_fails_a_request(model, caplog):

@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 
+from esmc.generation import GenerationStep
 from esmc.model import ESMC
 from esmc_server.config import BatchingConfig
 from esmc_server.errors import InternalError, SequenceTooLargeForDevice, ServiceError, Unavailable
@@ -259,11 +260,50 @@ class DevicePass:
         self._count(executed, compute_ms, [t.queue_ms for t in timings])
         if self._pending.failed:
             return  # a fatal fault failed these works already
+        steps = self._sample_steps(served)
         again, done = [], []
         for item, timing in zip(served, timings):
-            (again if self._finish(item.work, item.output, timing) else done).append(item.work)
+            output = steps.get(item.work.key, item.output)
+            (again if self._finish(item.work, output, timing) else done).append(item.work)
         active = self._pending.settle(again, done)
         self._observer.on_active_generations(active)
+
+    def _sample_steps(self, served: list[Served]) -> dict[int, object]:
+        """The next step of every generation in the pass, sampled over all their rows at once
+        (only each request's random draws are its own). If that fails, each is sampled alone
+        so that the error lands on the generation it concerns. {key: GenerationStep or error}"""
+        works = [
+            s.work
+            for s in served
+            if isinstance(s.work, GenerationWork)
+            and not isinstance(s.output, ServiceError)
+            and not s.work.stream.closed
+        ]
+        if not works:
+            return {}
+        outputs = {s.work.key: s.output for s in served}
+        states = [w.state for w in works]
+        logits = [outputs[w.key].logits.sequence for w in works]  # (L+2, 64) each
+        try:
+            rows = self._run_steps.prepare_steps(states, logits)
+        except Exception:  # noqa: BLE001 - located below, one generation at a time
+            rows = [self._prepare_step(w, state, x) for w, state, x in zip(works, states, logits)]
+        steps: dict[int, object] = {}
+        for work, prepared in zip(works, rows):
+            if isinstance(prepared, ServiceError):
+                steps[work.key] = prepared
+                continue
+            try:
+                steps[work.key] = work.state.advance_from(prepared)
+            except Exception as error:  # noqa: BLE001 - this generation only
+                steps[work.key] = service_error(error, work.finish_stage)
+        return steps
+
+    def _prepare_step(self, work: GenerationWork, state, logits):
+        try:
+            return self._run_steps.prepare_steps([state], [logits])[0]
+        except Exception as error:  # noqa: BLE001 - this generation only
+            return service_error(error, work.finish_stage)
 
     @staticmethod
     def _finish(work: Work, output: object, timing: Timing) -> bool:
@@ -271,6 +311,8 @@ class DevicePass:
             work.fail(output)
             return False
         try:
+            if isinstance(output, GenerationStep):
+                return work.publish(output, timing)
             return work.finish(output, timing)
         except Exception as error:  # noqa: BLE001 - sampling / result building, this one only
             work.fail(service_error(error, work.finish_stage))

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
+from esmc.generation import GenerationState, prepare_steps
 from esmc.inference import autocast_for
+from esmc.sampling import SamplingRows
 from esmc.model import ESMC, ESMCOutput
 from esmc.tokenizer import PAD_ID
 from esmc.types import ForwardTrackData, LogitsConfig, LogitsOutput
@@ -138,3 +140,9 @@ class BatchExecutor:
         self, host: HostOutput, row: tuple, config: LogitsConfig, layers: Sequence[int]
     ) -> LogitsOutput:
         return slice_output(host, row, config, layers)
+
+    def prepare_steps(
+        self, states: Sequence[GenerationState], logits: Sequence[torch.Tensor]
+    ) -> list[SamplingRows]:
+        """Every generation's next step up to its random draw, all rows at once."""
+        return prepare_steps(states, logits)

@@ -293,9 +293,15 @@ class GenerationWork(Work):
         return False
 
     def finish(self, output: LogitsOutput, timing: Timing) -> bool:
+        """Sample this step alone (the device pass samples all steps at once: :meth:`publish`)."""
         if self.stream.closed:
             return False
-        step = self.state.advance(output.logits.sequence)  # (L+2, 64) float32
+        return self.publish(self.state.advance(output.logits.sequence), timing)
+
+    def publish(self, step: GenerationStep, timing: Timing) -> bool:
+        """Hand a step the state already took to the consumer; True when another follows."""
+        if self.stream.closed:
+            return False
         self.stream.push(GenerationEvent(step=step, timing=timing, final=self.state.done))
         if self.state.done:
             return False

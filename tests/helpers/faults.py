@@ -64,7 +64,7 @@ class FaultyModel(ESMC):
 
 
 class FaultyExecutor(BatchExecutor):
-    """The real pass steps; ``stage`` (collate or slice) fails for the poison protein."""
+    """The real pass steps; ``stage`` (collate, slice or sample) fails for the poison protein."""
 
     def __init__(self, stage: str, mode: str = "exception"):
         self.stage = stage
@@ -79,6 +79,11 @@ class FaultyExecutor(BatchExecutor):
         if self.stage == "collate" and any(poisoned(t) for t in tokens):
             fault(self.mode, "collation")
         return super().collate(tokens, packed, device)
+
+    def prepare_steps(self, states, logits):
+        if self.stage == "sample" and any(poisoned(s.tokens) for s in states):
+            fault(self.mode, "sampling")
+        return super().prepare_steps(states, logits)
 
     def slice_output(self, host, row, config, layers):
         if self.stage == "slice" and poisoned(self._batch.tokens[row]):
