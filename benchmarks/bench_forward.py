@@ -34,10 +34,11 @@ import torch
 
 from benchmarks import common
 from esmc.runtime import keep_freed_memory
+from esmc.batch import TokenBatch
 from esmc.config import get_config
 from esmc.inference import autocast_for
 from esmc.model import ESMC, ESMCOutput
-from esmc.tokenizer import PAD_ID, encode
+from esmc.tokenizer import encode
 
 WAYS = ("one", "padded", "sorted", "packed")
 INIT_STD = 0.02
@@ -87,16 +88,12 @@ def estimate_flops(model: ESMC, lengths: Sequence[int]) -> float:
 
 
 def forward_padded(model: ESMC, tokens: Sequence[torch.Tensor]) -> ESMCOutput:
-    batch = torch.nn.utils.rnn.pad_sequence(list(tokens), batch_first=True, padding_value=PAD_ID)
-    return model(batch.to(model.device), hidden_layers=())  # logits (B, L, 64)
+    batch = TokenBatch.pack(tokens, packed=False, device=model.device)
+    return batch.forward(model, ())  # logits (B, L, 64)
 
 
 def forward_packed(model: ESMC, tokens: Sequence[torch.Tensor]) -> ESMCOutput:
-    lengths = torch.tensor([t.shape[0] for t in tokens])
-    cu_seqlens = torch.zeros(len(tokens) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = lengths.cumsum(0)
-    flat = torch.cat(list(tokens)).to(model.device)  # (T,)
-    return model.forward_packed(flat, cu_seqlens.to(model.device), int(lengths.max()))
+    return TokenBatch.pack(tokens, device=model.device).forward(model, ())  # logits (T, 64)
 
 
 # -- how sequences are grouped into forwards --------------------------------------------------
@@ -183,13 +180,13 @@ def packed_vs_padded_error(model: ESMC, tokens: Sequence[torch.Tensor]) -> float
     with torch.inference_mode(), autocast_for(model):
         padded = forward_padded(model, tokens).sequence_logits.float()  # (B, L, 64)
         packed = forward_packed(model, tokens).sequence_logits.float()  # (T, 64)
-    worst, start = 0.0, 0
-    for b, t in enumerate(tokens):
-        n = t.shape[0]
-        reference = padded[b, :n]
-        difference = (packed[start : start + n] - reference).abs().max()
-        worst = max(worst, float(difference / reference.abs().max()))
-        start += n
+    per_protein = zip(
+        TokenBatch.pack(tokens, device="cpu").split(packed),
+        TokenBatch.pack(tokens, packed=False, device="cpu").split(padded),
+    )
+    worst = 0.0
+    for ours, reference in per_protein:
+        worst = max(worst, float((ours - reference).abs().max() / reference.abs().max()))
     return worst
 
 

@@ -1,8 +1,10 @@
 """Batched logits for many proteins at once, one forward, per-protein outputs.
 
-This is what a server's batcher calls: a list of token sequences (each ``<cls> ... <eos>``)
-and one :class:`LogitsConfig` per sequence; the result is one :class:`LogitsOutput` per
-sequence with per-protein shapes (no batch dimension) in float32.
+A list of token sequences (each ``<cls> ... <eos>``) and one :class:`LogitsConfig` per
+sequence; the result is one :class:`LogitsOutput` per sequence with per-protein shapes (no
+batch dimension). :func:`select_outputs` and :func:`outputs_to_host` are the split the
+server's engine uses too: per protein on the device (means and casts included), then one
+copy of what was asked for to the host.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from esmc.batch import TokenBatch
 from esmc.model import ESMC, ESMCOutput
-from esmc.tokenizer import PAD_ID
 from esmc.types import ForwardTrackData, LogitsConfig, LogitsOutput
 
 
@@ -53,59 +55,80 @@ def run_logits(
     configs: Sequence[LogitsConfig],
     *,
     packed: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> list[LogitsOutput]:
-    """One forward over all ``tokens`` (packed end to end, or padded), split per protein."""
+    """One forward over all ``tokens`` (packed end to end, or padded), split per protein.
+
+    Outputs are CPU tensors in ``dtype`` (means computed in float32 first)."""
     if len(tokens) != len(configs):
         raise ValueError("one LogitsConfig per token sequence is required")
     n_layers = model.config.n_layers
     wanted = [hidden_layer_indices(c, n_layers) for c in configs]
     keep = sorted({i for w in wanted for i in w})
-    lengths = [int(t.shape[0]) for t in tokens]
+    batch = TokenBatch.pack(tokens, packed=packed, device=model.device)
     with autocast_for(model):
-        if packed:
-            out = _forward_packed(model, tokens, keep)
-            rows = _packed_rows(lengths)
-        else:
-            out = _forward_padded(model, tokens, keep)
-            rows = [(b, slice(0, n)) for b, n in enumerate(lengths)]
-    return [
-        _slice_output(out, row, config, [keep.index(i) for i in w])
-        for row, config, w in zip(rows, configs, wanted)
+        out = batch.forward(model, keep, return_logits=any(c.sequence for c in configs))
+    parts = [
+        select_outputs(out, row, config, [keep.index(i) for i in w], dtype)
+        for row, config, w in zip(batch.rows(), configs, wanted)
     ]
+    return [as_logits_output(part) for part in outputs_to_host(parts)]
 
 
-def _forward_packed(model: ESMC, tokens: Sequence[torch.Tensor], keep: list[int]) -> ESMCOutput:
-    device = model.device
-    flat = torch.cat([t.to(device) for t in tokens])
-    lengths = torch.tensor([int(t.shape[0]) for t in tokens])
-    cu = torch.zeros(len(tokens) + 1, dtype=torch.int32)
-    cu[1:] = lengths.cumsum(0)
-    return model.forward_packed(flat, cu.to(device), int(lengths.max()), hidden_layers=keep)
-
-
-def _forward_padded(model: ESMC, tokens: Sequence[torch.Tensor], keep: list[int]) -> ESMCOutput:
-    batch = torch.nn.utils.rnn.pad_sequence(list(tokens), batch_first=True, padding_value=PAD_ID)
-    return model(batch.to(model.device), hidden_layers=keep)
-
-
-def _packed_rows(lengths: list[int]) -> list[tuple]:
-    rows, start = [], 0
-    for n in lengths:
-        rows.append((slice(start, start + n),))
-        start += n
-    return rows
-
-
-def _slice_output(out: ESMCOutput, row: tuple, config: LogitsConfig, layers: list[int]) -> LogitsOutput:
-    """One protein's outputs in float32; ``row`` indexes its tokens in the forward's outputs."""
-    embeddings = out.embeddings[row].float()  # (L+2, d)
-    hidden = None
+def select_outputs(
+    out: ESMCOutput,
+    row: tuple,
+    config: LogitsConfig,
+    layers: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """One protein's outputs per ``config``, still on the forward's device: ``row`` indexes
+    its positions (:meth:`TokenBatch.rows`), ``layers`` the kept hidden states it wants.
+    Means (over residues, BOS/EOS excluded) are taken in float32, then everything is cast to
+    ``dtype``, so only what was asked for, in the size it will be sent, leaves the device."""
+    parts: dict[str, torch.Tensor] = {}
+    if config.sequence:
+        parts["logits"] = out.sequence_logits[row]  # (L+2, 64)
+    if config.return_embeddings or config.return_mean_embedding:
+        embeddings = out.embeddings[row]  # (L+2, d)
+        if config.return_embeddings:
+            parts["embeddings"] = embeddings
+        if config.return_mean_embedding:
+            parts["mean_embedding"] = embeddings.float()[1:-1].mean(0)
     if layers:
-        hidden = out.hidden_states[(layers, *row)].float()  # (layers, L+2, d)
+        hidden = out.hidden_states[(list(layers), *row)]  # (layers, L+2, d)
+        if config.return_hidden_states:
+            parts["hidden_states"] = hidden
+        if config.return_mean_hidden_states:
+            parts["mean_hidden_states"] = hidden.float()[:, 1:-1].mean(1)
+    return {name: tensor.to(dtype) for name, tensor in parts.items()}
+
+
+def outputs_to_host(parts: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Copy every protein's selected outputs to the CPU: from a GPU one copy per dtype for
+    the whole batch; on the CPU each becomes its own tensor (no view keeps the batch alive)."""
+    items = [(i, name, t) for i, part in enumerate(parts) for name, t in part.items()]
+    host: list[dict[str, torch.Tensor]] = [{} for _ in parts]
+    if not items:
+        return host
+    if items[0][2].device.type == "cpu":
+        for i, name, t in items:
+            host[i][name] = t.clone() if t._is_view() else t
+        return host
+    for dtype in {t.dtype for _, _, t in items}:
+        group = [(i, name, t) for i, name, t in items if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for _, _, t in group]).to("cpu")
+        for (i, name, t), chunk in zip(group, flat.split([t.numel() for _, _, t in group])):
+            host[i][name] = chunk.view(t.shape)
+    return host
+
+
+def as_logits_output(parts: dict[str, torch.Tensor]) -> LogitsOutput:
+    """A :class:`LogitsOutput` of one protein's selected outputs (absent fields: None)."""
     return LogitsOutput(
-        logits=ForwardTrackData(sequence=out.sequence_logits[row].float() if config.sequence else None),
-        embeddings=embeddings if config.return_embeddings else None,
-        hidden_states=hidden if config.return_hidden_states else None,
-        mean_embedding=embeddings[1:-1].mean(0) if config.return_mean_embedding else None,
-        mean_hidden_states=hidden[:, 1:-1].mean(1) if config.return_mean_hidden_states else None,
+        logits=ForwardTrackData(sequence=parts.get("logits")),
+        embeddings=parts.get("embeddings"),
+        hidden_states=parts.get("hidden_states"),
+        mean_embedding=parts.get("mean_embedding"),
+        mean_hidden_states=parts.get("mean_hidden_states"),
     )

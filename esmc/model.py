@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from esmc.attention import PackedLayout, PaddedLayout, SequenceLayout
+from esmc.batch import TokenBatch, masked_mean, residue_mask  # noqa: F401 (re-exported)
 from esmc.config import ESMCConfig
-from esmc.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from esmc.tokenizer import PAD_ID
 from esmc.types import ESMProteinTensor, ForwardTrackData, LogitsConfig, LogitsOutput
 
 ROTARY_BASE = 10000.0
@@ -215,9 +216,10 @@ class ESMC(nn.Module):
         tokens = input.sequence.to(self.device)
         tokens = tokens.unsqueeze(0) if tokens.ndim == 1 else tokens  # (B, L)
         layers = hidden_layer_indices(config, self.config.n_layers)
+        batch = TokenBatch.from_padded(tokens)
         with autocast_for(self):
-            out = self(tokens, hidden_layers=layers, return_logits=config.sequence)
-        residues = residue_mask(tokens)  # (B, L)
+            out = batch.forward(self, layers, return_logits=config.sequence)
+        residues = batch.residue_mask()  # (B, L)
         return LogitsOutput(
             logits=ForwardTrackData(sequence=out.sequence_logits if config.sequence else None),
             embeddings=out.embeddings if config.return_embeddings else None,
@@ -312,14 +314,3 @@ class ESMC(nn.Module):
 
 def _autocasting(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
-
-
-def residue_mask(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, L) True at residue positions: not BOS, EOS or padding."""
-    return (tokens != BOS_ID) & (tokens != EOS_ID) & (tokens != PAD_ID)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x (..., B, L, d) over the positions where mask (B, L) is True: (..., B, d), fp32."""
-    weights = mask.to(torch.float32).unsqueeze(-1)  # (B, L, 1)
-    return (x.float() * weights).sum(-2) / weights.sum(-2).clamp(min=1)

@@ -285,10 +285,10 @@ async def test_out_of_memory_splits_the_batch_and_a_lone_oversize_sequence_fails
     model = random_model(CONFIG, seed=1)
     real_forward = model.forward_packed
 
-    def limited_forward(tokens, cu_seqlens, max_seqlen, hidden_layers=()):
+    def limited_forward(tokens, cu_seqlens, max_seqlen, hidden_layers=(), **kwargs):
         if cu_seqlens.numel() - 1 > 2 or tokens.numel() > 40:
             raise torch.OutOfMemoryError("test double: CUDA out of memory")
-        return real_forward(tokens, cu_seqlens, max_seqlen, hidden_layers=hidden_layers)
+        return real_forward(tokens, cu_seqlens, max_seqlen, hidden_layers=hidden_layers, **kwargs)
 
     model.forward_packed = limited_forward
     engine = await make_engine(engine_model=model, max_batch_size=6, max_wait_ms=FOREVER_MS)

@@ -11,6 +11,7 @@ import random
 
 import torch
 
+from esmc.batch import TokenBatch
 from esmc.model import ESMC
 from esmc.training.data import (
     DEFAULT_DATA_DIR,
@@ -69,12 +70,12 @@ def masked_perplexity(
 
 def _score_batch(model: ESMC, batch: list, unigram: torch.Tensor) -> tuple[float, float, int]:
     device = model.device
-    lengths = [len(ids) for ids, _, _ in batch]
-    tokens = torch.tensor([t for _, masked, _ in batch for t in masked], device=device)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    out = model.forward_packed(tokens, cu.to(device), max(lengths))
+    packed = TokenBatch.pack(
+        [torch.tensor(masked, dtype=torch.long) for _, masked, _ in batch], device=device
+    )
+    out = packed.forward(model)
     log_probs = out.sequence_logits.float().log_softmax(-1)  # (T, 64)
-    offsets = cu[:-1].tolist()
+    offsets = packed.offsets()
     flat_positions = [o + p for o, (_, _, ps) in zip(offsets, batch) for p in ps]
     targets = torch.tensor([ids[p] for ids, _, ps in batch for p in ps], device=device)
     model_nll = -log_probs[flat_positions, targets].sum().item()

@@ -85,6 +85,11 @@ def tensor_from_proto(message: pb.Tensor, field: str = "tensor") -> torch.Tensor
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
 
 
+def torch_dtype(wire: int) -> torch.dtype:
+    """The torch dtype a wire dtype is computed in (the engine casts on the device)."""
+    return WIRE_DTYPES[wire][0]
+
+
 def output_dtype(value: int, field: str = "output_dtype") -> int:
     """The float wire dtype to answer in; unspecified means float32."""
     if value == pb.DTYPE_UNSPECIFIED:

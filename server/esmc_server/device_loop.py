@@ -35,11 +35,13 @@ from collections.abc import Callable
 
 import torch
 
+from esmc.batch import TokenBatch
 from esmc.generation import GenerationStep
+from esmc.inference import as_logits_output
 from esmc.model import ESMC
 from esmc_server.config import BatchingConfig
 from esmc_server.errors import InternalError, SequenceTooLargeForDevice, ServiceError, Unavailable
-from esmc_server.execute import BatchExecutor, Collated
+from esmc_server.execute import BatchExecutor
 from esmc_server.observer import EngineObserver, GuardedObserver
 from esmc_server.pending import PendingSet, State
 from esmc_server.policy import batch_cost
@@ -54,12 +56,17 @@ class Prepared:
 
     works: list[Work]
     tokens: int  # as the backend pays
-    collated: Collated
+    batch: TokenBatch
     keep: list[int]  # hidden blocks any request needs, sorted
 
     @property
     def generation_steps(self) -> int:
         return sum(isinstance(w, GenerationWork) for w in self.works)
+
+    @property
+    def wants_logits(self) -> bool:
+        """False when no request needs the sequence head (the forward skips it)."""
+        return any(w.config.sequence for w in self.works)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +155,7 @@ class DevicePass:
         """Collate ``works``. When that fails, each work is collated alone: those that fail
         alone are failed, the others are collated again together (None: none left)."""
         try:
-            collated = self._collate(works)
+            batch = self._collate(works)
         except Exception as error:  # noqa: BLE001 - located, then handed to those concerned
             if len(works) == 1:
                 self._fail(works, service_error(error, "preparing the batch"))
@@ -156,9 +163,9 @@ class DevicePass:
             works = [w for w in works if self._prepare([w]) is not None]
             return self._prepare(works) if works else None
         keep = sorted({i for w in works for i in w.layers})
-        return Prepared(works, batch_cost(collated.lengths, self._limits.packed), collated, keep)
+        return Prepared(works, batch_cost(batch.lengths, self._limits.packed), batch, keep)
 
-    def _collate(self, works: list[Work]) -> Collated:
+    def _collate(self, works: list[Work]) -> TokenBatch:
         return self._run_steps.collate(
             [w.tokens for w in works], self._limits.packed, self._model.device
         )
@@ -188,24 +195,33 @@ class DevicePass:
         """One forward and its per-request outputs; ``between`` runs while the forward runs.
         Errors bisect the batch (:meth:`_bisect`)."""
         self._busy.enter("a forward")
+        works, keep = prepared.works, prepared.keep
         try:
-            out = self._run_steps.forward(self._model, prepared.collated, prepared.keep)
+            out = self._run_steps.forward(
+                self._model, prepared.batch, keep, return_logits=prepared.wants_logits
+            )
             between()
             self._busy.enter("a forward")
-            host = self._run_steps.to_host(out, [w.config for w in prepared.works])
+            selected = [self._select(out, prepared, i, w) for i, w in enumerate(works)]
+            host = iter(self._run_steps.to_host([s for s in selected if isinstance(s, dict)]))
         except Exception as error:  # noqa: BLE001 - located by bisection, then handed on
             return self._bisect(prepared, error)
-        rows = prepared.collated.rows()
-        served = [self._slice(w, host, row, prepared) for w, row in zip(prepared.works, rows)]
+        served = [
+            Served(w, as_logits_output(next(host)) if isinstance(s, dict) else s, len(works),
+                   prepared.tokens)
+            for w, s in zip(works, selected)
+        ]
         return Executed(served, 1, prepared.tokens)
 
-    def _slice(self, work: Work, host, row: tuple, prepared: Prepared) -> Served:
+    def _select(self, out, prepared: Prepared, index: int, work: Work):
+        """One request's outputs on the device (a dict), or the error that fails it alone."""
         try:
             layers = [prepared.keep.index(i) for i in work.layers]
-            output = self._run_steps.slice_output(host, row, work.config, layers)
+            return self._run_steps.select(
+                out, prepared.batch, index, work.config, layers, work.dtype
+            )
         except Exception as error:  # noqa: BLE001 - fails this request only
-            output = service_error(error, "splitting the batch's outputs")
-        return Served(work, output, len(prepared.works), prepared.tokens)
+            return service_error(error, "splitting the batch's outputs")
 
     def _bisect(self, prepared: Prepared, error: Exception) -> Executed:
         """A failed forward: retry each half; a single sequence gets the error itself.

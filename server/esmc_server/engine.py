@@ -167,11 +167,19 @@ class Engine:
     # -- calls -------------------------------------------------------------------------------
 
     async def logits(
-        self, tokens: torch.Tensor, config: LogitsConfig, *, deadline: float | None = None
+        self,
+        tokens: torch.Tensor,
+        config: LogitsConfig,
+        *,
+        deadline: float | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> LogitsResult:
-        """One protein's outputs per ``config`` (float32 CPU tensors) and how it was served."""
+        """One protein's outputs per ``config`` and how it was served: CPU tensors in ``dtype``
+        (cast on the device, means taken in float32 first), only the parts ``config`` asks for."""
         layers = self._layers(config)
-        return await self._unary(tokens, config, layers, deadline, LogitsResult)
+        if not dtype.is_floating_point:
+            raise InvalidRequest("outputs are floating point: ask for float32, float16 or bfloat16")
+        return await self._unary(tokens, config, layers, deadline, LogitsResult, dtype=dtype)
 
     async def forward_and_sample(
         self,
@@ -192,7 +200,10 @@ class Engine:
         def sample(output: LogitsOutput, timing: Timing) -> tuple[ForwardAndSampleOutput, Timing]:
             return sample_from_logits(tokens, output, sampling, seed), timing
 
-        return await self._unary(tokens, logits_config_for(sampling), [], deadline, sample)
+        return await self._unary(
+            tokens, logits_config_for(sampling), [], deadline, sample,
+            finish_stage="sampling the logits",
+        )
 
     def generate(
         self,
@@ -246,6 +257,9 @@ class Engine:
         layers: list[int],
         deadline: float | None,
         make_result: Callable[[LogitsOutput, Timing], Any],
+        *,
+        dtype: torch.dtype = torch.float32,
+        finish_stage: str = "building the result",
     ) -> Any:
         loop = self._running_loop()
         now = time.monotonic()
@@ -261,6 +275,8 @@ class Engine:
             loop=loop,
             future=future,
             make_result=make_result,
+            dtype=dtype,
+            finish_stage=finish_stage,
         )
         self._device.submit(work)
         future.add_done_callback(self._on_settled)

@@ -50,7 +50,7 @@ class Timing:
 
 @dataclasses.dataclass(frozen=True)
 class LogitsResult:
-    output: LogitsOutput  # per protein, float32 CPU tensors
+    output: LogitsOutput  # per protein, CPU tensors in the dtype asked for (float32 default)
     timing: Timing
 
 
@@ -111,6 +111,7 @@ class Work:
     deadline: float | None  # monotonic seconds
     ready: float  # monotonic seconds when it (or its current step) became ready
     priority: int = 0
+    dtype: torch.dtype = torch.float32  # of its outputs (means are taken in float32 first)
 
     @property
     def length(self) -> int:

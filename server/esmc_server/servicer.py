@@ -160,7 +160,9 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
                 request.config, served.model.config.n_layers
             )
             dtype = convert.output_dtype(request.output_dtype)
-            result = await served.engine.logits(tokens, config, deadline=deadline_of(context))
+            result = await served.engine.logits(
+                tokens, config, deadline=deadline_of(context), dtype=convert.torch_dtype(dtype)
+            )
             metadata = convert.metadata_to_proto(result.timing)
             return convert.logits_response(result.output, layers, dtype, metadata)
 
@@ -237,7 +239,9 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             tokens = convert.tokens_from_request(request, served.model.config.max_length)
             config = convert.embed_config_from_proto(request, served.model.config.n_layers)
             dtype = convert.output_dtype(request.output_dtype)
-            result = await served.engine.logits(tokens, config, deadline=deadline)
+            result = await served.engine.logits(
+                tokens, config, deadline=deadline, dtype=convert.torch_dtype(dtype)
+            )
             return pb.EmbedResponse(
                 id=request.id,
                 embedding=convert.tensor_to_proto(

@@ -69,11 +69,6 @@ class FaultyExecutor(BatchExecutor):
     def __init__(self, stage: str, mode: str = "exception"):
         self.stage = stage
         self.mode = mode
-        self._batch = None  # the batch of the last forward: slicing reads its tokens
-
-    def forward(self, model, batch, keep):
-        self._batch = batch
-        return super().forward(model, batch, keep)
 
     def collate(self, tokens, packed, device):
         if self.stage == "collate" and any(poisoned(t) for t in tokens):
@@ -85,10 +80,10 @@ class FaultyExecutor(BatchExecutor):
             fault(self.mode, "sampling")
         return super().prepare_steps(states, logits)
 
-    def slice_output(self, host, row, config, layers):
-        if self.stage == "slice" and poisoned(self._batch.tokens[row]):
+    def select(self, out, batch, index, config, layers, dtype):
+        if self.stage == "slice" and poisoned(batch.tokens[batch.rows()[index]]):
             fault(self.mode, "slicing")
-        return super().slice_output(host, row, config, layers)
+        return super().select(out, batch, index, config, layers, dtype)
 
 
 def main(argv: list[str]) -> int:
