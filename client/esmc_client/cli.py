@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from esmc_client import score_cli
+from esmc_client import ray as ray_jobs
 from esmc_client.channel import DEFAULT_TARGET
 from esmc_client.client import ESMCClient
 from esmc_client.fasta import read_fasta
@@ -108,6 +109,7 @@ def build_parser(default_target: str = DEFAULT_TARGET) -> argparse.ArgumentParse
     gen.add_argument("--stream", action="store_true", help="print the sequence at every step")
     gen.set_defaults(run=cmd_generate)
     score_cli.register(sub, common)
+    ray_jobs.add_parser(sub, common)
     return parser
 
 

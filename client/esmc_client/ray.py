@@ -1,0 +1,657 @@
+"""Bulk embedding on Ray (``esmc ray-embed``; the ``[ray]`` extra).
+
+A Ray Data pipeline reads FASTA, parquet or CSV shards, drops the ids the output directory
+already holds, and sends blocks of sequences through an actor pool. Two kinds of actors:
+
+- **against running servers** (:func:`embed_with_servers`): each actor holds one
+  :class:`~esmc_client.client.ESMCClient` per target and splits every block over the targets
+  that answer; sequences a target fails with a transient status (``UNAVAILABLE``...) go to
+  the others, and a failing target rests a while before it gets work again.
+- **model actors without servers** (:func:`embed_in_process`): each actor owns a device and
+  runs the server's own :class:`~esmc_server.engine.Engine` in-process
+  (:class:`esmc_server.embedder.LocalEmbedder`: same batching, same token budget, same
+  input checks as ``esmc serve``).
+
+Each actor writes every finished block itself as one parquet part, ``part-<hash of its
+ids>.parquet``, written under a temporary name and renamed, so a retried block rewrites the
+same file and a crash leaves no partial part. Columns: ``id``, ``sequence_length``
+(residues), ``embedding`` (fixed-size list of float32, null on error), ``per_residue``
+(``--pool none`` only: (L+2, d) rows, BOS and EOS included; ``embedding`` is then their
+residue mean) and ``error`` (``"CODE: message"`` of a sequence the service refused, else
+null). The schema metadata holds ``esmc.model``, ``esmc.layer``, ``esmc.pooling``,
+``esmc.server_version``, ``esmc.d_model``, ``esmc.n_layers`` and ``esmc.mode``.
+
+Resuming is running the same command again: ids already in the output are skipped; ids
+that only met transient errors (every target down, queue full, out of memory) are left out
+of the output and counted as *unfinished*, so the next run retries them. Ids must be unique
+across the inputs (a repeat inside one block is dropped; the summary counts duplicates left
+in the output). Importing this module imports neither ray nor torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from esmc_client.channel import RetryPolicy
+from esmc_client.fasta import read_fasta
+from esmc_client.types import EmbedResult, ESMCError
+
+log = logging.getLogger(__name__)
+
+FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas")
+INPUT_FORMATS = ("fasta", "parquet", "csv")
+TRANSIENT_CODES = (
+    "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "ABORTED",
+)
+"""Errors that say nothing about the sequence: its id is left for the next run."""
+RESUME_KEYS = ("model", "layer", "pooling")
+"""Metadata a resumed job must share with the parts already written."""
+FASTA_BLOCK_RECORDS = 4096
+_CLIENT_RETRY = RetryPolicy(max_retries=2, initial_backoff_s=0.2, max_backoff_s=1.0)
+_FAILOVER_ROUNDS = 6
+_REST_S = 5.0  # a target that failed transiently gets no work for this long (doubling)
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+@dataclass
+class JobSummary:
+    """What one run did. ``already_done``: ids found in the output at the start;
+    ``written``/``errors``: rows written by this run (``errors`` of them with an error);
+    ``unfinished``: ids left for the next run; ``duplicates``: repeated ids in the output."""
+
+    output: str
+    already_done: int = 0
+    written: int = 0
+    errors: int = 0
+    unfinished: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.unfinished == 0 and self.duplicates == 0
+
+    def line(self) -> str:
+        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"{self.output}: {self.written} written ({self.errors} with an error), "
+            f"{self.already_done} already there, {self.unfinished} unfinished, "
+            f"{self.duplicates} duplicate ids; {self.seconds:.1f} s, {rate:.1f} sequences/s"
+        )
+
+
+# --- public entry points ------------------------------------------------------------------
+
+
+def embed_with_servers(
+    inputs: Sequence[str],
+    output: str,
+    targets: Sequence[str],
+    *,
+    layer: int = -1,
+    pool: str = "mean",
+    client_options: dict[str, Any] | None = None,
+    concurrency: int | None = None,
+    batch_size: int = 256,
+    cpus_per_actor: float = 0.25,
+    progress: bool = False,
+    id_column: str = "id",
+    sequence_column: str = "sequence",
+) -> JobSummary:
+    """Embed ``inputs`` into ``output`` through running servers (``targets``, host:port).
+
+    ``client_options`` go to every :class:`ESMCClient` (TLS, token...); ``concurrency``
+    actors (default: two per target) each hold one client per target. Ray must be
+    initialised (:func:`ray.init`), or a local instance is started.
+    """
+    if not targets:
+        raise ValueError("give at least one target (host:port)")
+    client_options = dict(client_options or {})
+    metadata = probe_servers(targets, client_options, layer, pool)
+    actor_kwargs = {
+        "targets": list(targets),
+        "client_options": client_options,
+        "layer": layer,
+        "pool": pool,
+        "output": output,
+        "metadata": metadata,
+    }
+    return run_job(
+        inputs, output, ServerEmbedActor, actor_kwargs, metadata,
+        concurrency=concurrency or 2 * len(targets), batch_size=batch_size,
+        resources={"num_cpus": cpus_per_actor}, progress=progress,
+        id_column=id_column, sequence_column=sequence_column,
+    )
+
+
+def embed_in_process(
+    inputs: Sequence[str],
+    output: str,
+    model: str,
+    *,
+    layer: int = -1,
+    pool: str = "mean",
+    embedder_options: dict[str, Any] | None = None,
+    concurrency: int = 1,
+    batch_size: int = 256,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    progress: bool = False,
+    id_column: str = "id",
+    sequence_column: str = "sequence",
+) -> JobSummary:
+    """Embed ``inputs`` into ``output`` with ``concurrency`` model actors, no servers.
+
+    Each actor loads ``model`` and runs the server's engine on its own device
+    (``gpus_per_actor`` >= 1: the GPU Ray gives it). ``embedder_options`` go to
+    :class:`esmc_server.embedder.LocalEmbedder` (device, dtype, batching, max_length,
+    threads). Needs the ``[server]`` extra on every node.
+    """
+    metadata = {"model": model, "layer": str(layer), "pooling": pool, "mode": "in-process"}
+    actor_kwargs = {
+        "model": model,
+        "embedder_options": dict(embedder_options or {}),
+        "layer": layer,
+        "pool": pool,
+        "output": output,
+        "metadata": metadata,
+    }
+    resources = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "max_concurrency": 2}
+    return run_job(
+        inputs, output, EngineEmbedActor, actor_kwargs, metadata,
+        concurrency=concurrency, batch_size=batch_size, resources=resources,
+        progress=progress, id_column=id_column, sequence_column=sequence_column,
+    )
+
+
+def probe_servers(
+    targets: Sequence[str], client_options: dict[str, Any], layer: int, pool: str
+) -> dict[str, str]:
+    """Job metadata from the targets' ``Info``; every answering target must serve the same
+    model, and a one-residue embed must pass the server's checks of ``layer`` and ``pool``
+    (a bad layer fails here, not as an error row per sequence). Targets that do not answer
+    are skipped (the actors retry them later); at least one must answer."""
+    from esmc_client.client import ESMCClient
+
+    seen: dict[str, Any] = {}
+    for target in targets:
+        with ESMCClient(target, retry=_CLIENT_RETRY, **client_options) as client:
+            try:
+                info = client.info(timeout=30)
+            except ESMCError as error:
+                log.warning("target %s does not answer (%s); its share goes elsewhere", target, error)
+                continue
+            [probe] = client.embed([("probe", "M")], layer=layer, pool=pool, timeout=30)
+        if probe.error is not None and probe.error.code not in TRANSIENT_CODES:
+            raise ValueError(f"{target} refuses layer={layer} pool={pool}: {probe.error}")
+        seen[target] = info
+    if not seen:
+        raise ESMCError("UNAVAILABLE", f"none of the targets answers: {', '.join(targets)}")
+    first = next(iter(seen.values()))
+    for target, info in seen.items():
+        if (info.model_name, info.d_model) != (first.model_name, first.d_model):
+            raise ValueError(
+                f"targets serve different models: {target} serves {info.model_name} "
+                f"(d={info.d_model}), another {first.model_name} (d={first.d_model})"
+            )
+    return {
+        "model": first.model_name,
+        "layer": str(layer),
+        "pooling": pool,
+        "server_version": first.server_version,
+        "d_model": str(first.d_model),
+        "n_layers": str(first.n_layers),
+        "mode": "servers",
+    }
+
+
+# --- the pipeline -------------------------------------------------------------------------
+
+
+def run_job(
+    inputs: Sequence[str],
+    output: str,
+    actor_class: type,
+    actor_kwargs: dict[str, Any],
+    metadata: dict[str, str],
+    *,
+    concurrency: int,
+    batch_size: int,
+    resources: dict[str, Any],
+    progress: bool,
+    id_column: str = "id",
+    sequence_column: str = "sequence",
+) -> JobSummary:
+    """Read, skip what ``output`` holds, embed the rest with ``actor_class`` actors."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    start = time.perf_counter()
+    store = PartStore(output)
+    store.check_compatible(metadata)
+    done = store.ids()
+    summary = JobSummary(output=output, already_done=len(done))
+    pending = read_inputs(inputs, id_column, sequence_column).map_batches(
+        drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow"
+    )
+    total = pending.count() if len(done) else None  # a resume: maybe nothing is left to do
+    if total == 0:
+        summary.seconds = time.perf_counter() - start
+        return summary
+    stats = pending.map_batches(
+        actor_class,
+        fn_constructor_kwargs=actor_kwargs,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=concurrency,
+        **resources,
+    )
+    with _progress_bar(total, progress) as bar:
+        for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for key in ("written", "errors", "unfinished"):
+                setattr(summary, key, getattr(summary, key) + sum(batch[key].to_pylist()))
+            bar.update(sum(batch["written"].to_pylist()) + sum(batch["unfinished"].to_pylist()))
+    summary.duplicates = store.duplicates()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def input_format(path: str) -> str:
+    """``fasta``, ``parquet`` or ``csv`` by suffix (a directory: by the files inside)."""
+    name = path.lower()
+    if os.path.isdir(path):
+        for entry in sorted(os.listdir(path)):
+            if not entry.startswith((".", "_")):
+                return input_format(os.path.join(path, entry))
+        raise ValueError(f"{path}: empty directory")
+    if name.endswith(FASTA_SUFFIXES):
+        return "fasta"
+    for kind in ("parquet", "csv"):
+        if name.endswith("." + kind):
+            return kind
+    raise ValueError(f"{path}: unknown input type; use {', '.join(FASTA_SUFFIXES)}, .parquet or .csv")
+
+
+def read_inputs(inputs: Sequence[str], id_column: str = "id", sequence_column: str = "sequence"):
+    """One Ray dataset of ``id``, ``sequence`` (strings) from every input."""
+    import pyarrow as pa
+    import pyarrow.csv
+    import ray.data
+
+    by_format: dict[str, list[str]] = {kind: [] for kind in INPUT_FORMATS}
+    for path in inputs:
+        by_format[input_format(str(path))].append(str(path))
+    columns = [id_column, sequence_column]
+    parts = []
+    if by_format["fasta"]:
+        files = ray.data.from_items([{"path": p} for p in by_format["fasta"]])
+        parts.append(files.map_batches(read_fasta_blocks, batch_size=1, batch_format="pyarrow"))
+    if by_format["parquet"]:
+        tables = ray.data.read_parquet(by_format["parquet"], columns=columns)
+        parts.append(tables.rename_columns(dict(zip(columns, ("id", "sequence")))))
+    if by_format["csv"]:
+        types = {name: pa.string() for name in columns}
+        options = pyarrow.csv.ConvertOptions(column_types=types, include_columns=columns)
+        tables = ray.data.read_csv(by_format["csv"], convert_options=options)
+        parts.append(tables.rename_columns(dict(zip(columns, ("id", "sequence")))))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def read_fasta_blocks(files) -> Iterator[Any]:
+    """The records of each FASTA file, as tables of at most FASTA_BLOCK_RECORDS rows."""
+    import pyarrow as pa
+
+    for path in files["path"].to_pylist():
+        ids: list[str] = []
+        sequences: list[str] = []
+        for uid, sequence in read_fasta(path):
+            ids.append(uid)
+            sequences.append(sequence)
+            if len(ids) == FASTA_BLOCK_RECORDS:
+                yield pa.table({"id": ids, "sequence": sequences})
+                ids, sequences = [], []
+        if ids:
+            yield pa.table({"id": ids, "sequence": sequences})
+
+
+def drop_done(batch, done):
+    """``batch`` without the ids in ``done`` and without repeats of an id within it."""
+    import pyarrow.compute as pc
+
+    batch = batch.select(["id", "sequence"]).filter(pc.invert(pc.is_in(batch["id"], done)))
+    ids = batch["id"].to_pylist()
+    if len(set(ids)) == len(ids):
+        return batch
+    first = {uid: i for i, uid in reversed(list(enumerate(ids)))}
+    return batch.take(sorted(first.values()))
+
+
+# --- actors -------------------------------------------------------------------------------
+
+
+class ServerEmbedActor:
+    """Embeds blocks through the given servers and writes them (see the module docstring)."""
+
+    def __init__(self, targets, client_options, layer, pool, output, metadata):
+        from esmc_client.client import ESMCClient
+
+        options = {"retry": _CLIENT_RETRY, **client_options}
+        self._clients = [ESMCClient(target, **options) for target in targets]
+        self._rest_until = [0.0] * len(targets)
+        self._rest_s = [_REST_S] * len(targets)
+        self._options = {"layer": layer, "pool": pool, "batch_size": 32, "concurrency": 4}
+        self._store = PartStore(output, metadata)
+
+    def __call__(self, batch):
+        records = list(zip(batch["id"].to_pylist(), batch["sequence"].to_pylist()))
+        return self._store.write(records, self._embed(records))
+
+    def _embed(self, records: list[tuple[str, str]]) -> list[EmbedResult | None]:
+        """One result per record; None for those every round failed transiently."""
+        results: list[EmbedResult | None] = [None] * len(records)
+        todo = list(range(len(records)))
+        for round_ in range(_FAILOVER_ROUNDS):
+            if round_:
+                time.sleep(min(_REST_S, 0.5 * 2**round_))
+            live = self._live()
+            shares = [(t, todo[k :: len(live)]) for k, t in enumerate(live)]
+            with ThreadPoolExecutor(len(shares)) as pool:
+                answers = list(pool.map(lambda share: self._on(*share, records), shares))
+            todo = []
+            for (target, share), answer in zip(shares, answers):
+                failed = [i for i, r in zip(share, answer) if _transient(r)]
+                for i, result in zip(share, answer):
+                    if not _transient(result):
+                        results[i] = result
+                self._note(target, failed=bool(failed))
+                todo += failed
+            if not todo:
+                break
+        return results
+
+    def _on(self, target: int, share: list[int], records) -> list[EmbedResult]:
+        if not share:
+            return []
+        return self._clients[target].embed([records[i] for i in share], **self._options)
+
+    def _live(self) -> list[int]:
+        now = time.monotonic()
+        live = [t for t, until in enumerate(self._rest_until) if until <= now]
+        return live or [min(range(len(self._rest_until)), key=self._rest_until.__getitem__)]
+
+    def _note(self, target: int, failed: bool) -> None:
+        if failed:
+            self._rest_until[target] = time.monotonic() + self._rest_s[target]
+            self._rest_s[target] = min(8 * _REST_S, 2 * self._rest_s[target])
+        else:
+            self._rest_s[target] = _REST_S
+
+
+class EngineEmbedActor:
+    """Embeds blocks with the server's engine in this process, on this actor's device."""
+
+    def __init__(self, model, embedder_options, layer, pool, output, metadata):
+        from esmc_server.embedder import LocalEmbedder
+
+        self._embedder = LocalEmbedder(model, **embedder_options)
+        info = self._embedder.info()
+        [probe] = self._embedder.embed([("probe", "M")], layer=layer, pool=pool)
+        if probe.error is not None:
+            raise ValueError(f"{model} refuses layer={layer} pool={pool}: {probe.error}")
+        shape = {key: str(info[key]) for key in ("server_version", "d_model", "n_layers")}
+        self._layer, self._pool = layer, pool
+        self._store = PartStore(output, {**metadata, **shape})
+
+    def __call__(self, batch):
+        records = list(zip(batch["id"].to_pylist(), batch["sequence"].to_pylist()))
+        results = self._embedder.embed(records, layer=self._layer, pool=self._pool)
+        return self._store.write(records, [None if _transient(r) else r for r in results])
+
+
+def _transient(result: EmbedResult) -> bool:
+    return result.error is not None and result.error.code in TRANSIENT_CODES
+
+
+# --- the output directory -----------------------------------------------------------------
+
+
+class PartStore:
+    """The parquet parts of one output directory (a local path or a pyarrow URI: s3://...)."""
+
+    def __init__(self, output: str, metadata: dict[str, str] | None = None):
+        import pyarrow.fs
+
+        if "://" in output:
+            self._fs, self._base = pyarrow.fs.FileSystem.from_uri(output)
+        else:
+            self._fs, self._base = pyarrow.fs.LocalFileSystem(), os.path.abspath(output)
+        self._fs.create_dir(self._base, recursive=True)
+        self._metadata = metadata
+
+    def _dataset(self):
+        import pyarrow.dataset
+
+        return pyarrow.dataset.dataset(self._base, filesystem=self._fs, format="parquet")
+
+    def ids(self):
+        """Every id written so far (a pyarrow array)."""
+        import pyarrow as pa
+
+        table = self._dataset().to_table(columns=["id"])
+        return table["id"].combine_chunks() if table.num_rows else pa.array([], pa.string())
+
+    def duplicates(self) -> int:
+        ids = self.ids()
+        return len(ids) - len(ids.unique())
+
+    def metadata(self) -> dict[str, str] | None:
+        """The ``esmc.*`` metadata of the first part, or None when there is none yet."""
+        files = self._dataset().files
+        if not files:
+            return None
+        raw = _read_schema(self._fs, files[0]).metadata or {}
+        return {k.decode()[5:]: v.decode() for k, v in raw.items() if k.startswith(b"esmc.")}
+
+    def check_compatible(self, metadata: dict[str, str]) -> None:
+        existing = self.metadata()
+        if existing is None:
+            return
+        for key in RESUME_KEYS:
+            if existing.get(key) != metadata.get(key):
+                raise ValueError(
+                    f"{self._base} holds {key}={existing.get(key)!r}, this job has "
+                    f"{key}={metadata.get(key)!r}; use another output directory"
+                )
+
+    def write(self, records: list[tuple[str, str]], results: list[EmbedResult | None]):
+        """Write the records that have a result as one part; the block's counts as a table."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        kept = [(uid, seq, r) for (uid, seq), r in zip(records, results) if r is not None]
+        stats = {
+            "written": [len(kept)],
+            "errors": [sum(1 for _, _, r in kept if r.error is not None)],
+            "unfinished": [len(records) - len(kept)],
+        }
+        if kept:
+            table = self._table(kept)
+            digest = hashlib.sha256("\n".join(uid for uid, _, _ in kept).encode()).hexdigest()
+            final = f"{self._base}/part-{digest[:32]}.parquet"
+            temporary = f"{self._base}/.tmp-{uuid.uuid4().hex}.parquet"
+            with self._fs.open_output_stream(temporary) as sink:
+                pq.write_table(table, sink)
+            self._fs.move(temporary, final)
+        return pa.table(stats)
+
+    def _table(self, kept: list[tuple[str, str, EmbedResult]]):
+        import pyarrow as pa
+
+        d = int(self._metadata["d_model"])
+        per_residue = self._metadata["pooling"] == "none"
+        vectors = np.zeros((len(kept), d), np.float32)
+        rows: list[np.ndarray | None] = []
+        for k, (_, _, result) in enumerate(kept):
+            if result.error is not None:
+                rows.append(None)
+            elif per_residue:
+                rows.append(np.asarray(result.embedding, np.float32))
+                vectors[k] = rows[-1][1:-1].mean(axis=0, dtype=np.float64)
+            else:
+                vectors[k] = result.embedding
+        failed = np.array([r.error is not None for _, _, r in kept])
+        vector_type = pa.list_(pa.float32(), d)
+        columns = {
+            "id": pa.array([uid for uid, _, _ in kept], pa.string()),
+            "sequence_length": pa.array([_residues(seq) for _, seq, _ in kept], pa.int32()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.ravel()), d, mask=pa.array(failed)
+            ),
+        }
+        if per_residue:
+            columns["per_residue"] = pa.array(
+                [None if r is None else list(r) for r in rows], pa.list_(vector_type)
+            )
+        columns["error"] = pa.array(
+            [None if r.error is None else str(r.error) for _, _, r in kept], pa.string()
+        )
+        metadata = {f"esmc.{k}": str(v) for k, v in self._metadata.items()}
+        return pa.table(columns).replace_schema_metadata(metadata)
+
+
+def _read_schema(fs, path: str):
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as handle:
+        return pq.read_schema(handle)
+
+
+def _residues(sequence: str) -> int:
+    return len(sequence.replace("<mask>", "_"))
+
+
+# --- progress -----------------------------------------------------------------------------
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress_bar(total: int | None, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="seq", desc="ray-embed")
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    """``esmc ray-embed``: registered by :func:`esmc_client.cli.build_parser`."""
+    p = sub.add_parser(
+        "ray-embed", parents=[common],
+        help="embed FASTA/parquet/CSV shards on a Ray cluster into a parquet directory",
+    )
+    p.add_argument("inputs", nargs="+", help=f"{', '.join(FASTA_SUFFIXES)}, .parquet, .csv or directories")
+    p.add_argument("-o", "--output", required=True, help="output directory (or s3://..., gs://...)")
+    p.add_argument("--targets", help="servers host:port,host:port (default: --target)")
+    p.add_argument("--in-process", action="store_true", help="model actors, no servers")
+    p.add_argument("--model", default="esmc-tiny", help="with --in-process: the model to load")
+    p.add_argument("--device", default="auto", help="with --in-process: auto, cpu, cuda")
+    p.add_argument("--dtype", default=None, help="with --in-process: model dtype")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="with --in-process: the engine's token budget per forward")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="with --in-process")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="CPUs Ray reserves per actor (default 0.25 with servers, 1 in-process)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="actors (default: 2 per target; 1 in-process)")
+    p.add_argument("--layer", type=int, default=-1,
+                   help="-1 final embeddings, 0..n-1 a block's output, -2.. from the end")
+    p.add_argument("--pool", choices=("mean", "none"), default="mean",
+                   help="none also writes per-residue rows")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences per actor call")
+    p.add_argument("--id-column", default="id", help="parquet/CSV id column")
+    p.add_argument("--sequence-column", default="sequence", help="parquet/CSV sequence column")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when stderr is a terminal)")
+    p.set_defaults(run=cmd_ray_embed)
+
+
+def cmd_ray_embed(args: argparse.Namespace) -> int:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        print("esmc ray-embed needs the ray extra: pip install 'esmc-serve[ray]'", file=sys.stderr)
+        return 2
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=args.address, log_to_driver=progress)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    common = {
+        "layer": args.layer, "pool": args.pool, "batch_size": args.batch_size,
+        "progress": progress, "id_column": args.id_column, "sequence_column": args.sequence_column,
+    }
+    if args.cpus_per_actor is not None:
+        common["cpus_per_actor"] = args.cpus_per_actor
+    try:
+        if args.in_process:
+            options = {"device": args.device, "dtype": args.dtype}
+            if args.max_batch_tokens is not None:
+                from esmc_server.config import BatchingConfig
+
+                options["batching"] = BatchingConfig(max_batch_tokens=args.max_batch_tokens)
+            summary = embed_in_process(
+                args.inputs, args.output, args.model, embedder_options=options,
+                concurrency=args.concurrency or 1, gpus_per_actor=args.gpus_per_actor, **common,
+            )
+        else:
+            targets = [t.strip() for t in (args.targets or args.target).split(",") if t.strip()]
+            summary = embed_with_servers(
+                args.inputs, args.output, targets, client_options=client_options(args),
+                concurrency=args.concurrency, **common,
+            )
+    except ValueError as error:
+        print(f"esmc ray-embed: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            ray.shutdown()
+    print(summary.line(), file=sys.stderr)
+    print(json.dumps({"summary": summary.__dict__}))
+    return 0 if summary.complete and summary.errors == 0 else 1
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The client's connection options among the parsed flags (TLS, token), by name."""
+    names = ("tls", "root_certificates", "client_certificate", "client_key", "token")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
