@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from esmc_client.channel import RetryPolicy
+from esmc_client.retry import RetryPolicy
 from esmc_client.fasta import read_fasta
 from esmc_client.types import EmbedResult, ESMCError
 
@@ -60,7 +60,9 @@ TRANSIENT_CODES = (
 RESUME_KEYS = ("model", "layer", "pooling")
 """Metadata a resumed job must share with the parts already written."""
 FASTA_BLOCK_RECORDS = 4096
-_CLIENT_RETRY = RetryPolicy(max_retries=2, initial_backoff_s=0.2, max_backoff_s=1.0)
+_CLIENT_RETRY = RetryPolicy(max_retries=2, initial_backoff_s=0.2, max_backoff_s=1.0, ride_out_s=2.0)
+"""Short: a target that stays down hands its sequences to the others (a lone target gets
+the client's usual 30 s ride-out of a restart)."""
 _FAILOVER_ROUNDS = 6
 _REST_S = 5.0  # a target that failed transiently gets no work for this long (doubling)
 
@@ -122,7 +124,7 @@ def embed_with_servers(
     if not targets:
         raise ValueError("give at least one target (host:port)")
     client_options = dict(client_options or {})
-    metadata = probe_servers(targets, client_options, layer, pool)
+    metadata = {**server_metadata(targets, client_options), "layer": str(layer), "pooling": pool}
     actor_kwargs = {
         "targets": list(targets),
         "client_options": client_options,
@@ -179,27 +181,21 @@ def embed_in_process(
     )
 
 
-def probe_servers(
-    targets: Sequence[str], client_options: dict[str, Any], layer: int, pool: str
-) -> dict[str, str]:
-    """Job metadata from the targets' ``Info``; every answering target must serve the same
-    model, and a one-residue embed must pass the server's checks of ``layer`` and ``pool``
-    (a bad layer fails here, not as an error row per sequence). Targets that do not answer
-    are skipped (the actors retry them later); at least one must answer."""
+def server_metadata(targets: Sequence[str], client_options: dict[str, Any]) -> dict[str, str]:
+    """The job's model, server version and shape from the targets' ``Info`` (no compute).
+
+    Every answering target must serve the same model. Targets that do not answer are
+    skipped (the actors try them again later); at least one must answer.
+    """
     from esmc_client.client import ESMCClient
 
-    seen: dict[str, Any] = {}
+    seen = {}
     for target in targets:
         with ESMCClient(target, retry=_CLIENT_RETRY, **client_options) as client:
             try:
-                info = client.info(timeout=30)
+                seen[target] = client.info(timeout=30)
             except ESMCError as error:
-                log.warning("target %s does not answer (%s); its share goes elsewhere", target, error)
-                continue
-            [probe] = client.embed([("probe", "M")], layer=layer, pool=pool, timeout=30)
-        if probe.error is not None and probe.error.code not in TRANSIENT_CODES:
-            raise ValueError(f"{target} refuses layer={layer} pool={pool}: {probe.error}")
-        seen[target] = info
+                log.warning("%s does not answer (%s); its share goes elsewhere", target, error)
     if not seen:
         raise ESMCError("UNAVAILABLE", f"none of the targets answers: {', '.join(targets)}")
     first = next(iter(seen.values()))
@@ -211,13 +207,18 @@ def probe_servers(
             )
     return {
         "model": first.model_name,
-        "layer": str(layer),
-        "pooling": pool,
         "server_version": first.server_version,
         "d_model": str(first.d_model),
         "n_layers": str(first.n_layers),
         "mode": "servers",
     }
+
+
+def _check_probe(probe: EmbedResult, where: str, layer: int, pool: str) -> None:
+    """A one-residue embed must pass the service's checks of ``layer`` and ``pool``: a bad
+    layer fails the job at its start, not as an error row per sequence."""
+    if probe.error is not None and probe.error.code not in TRANSIENT_CODES:
+        raise ValueError(f"{where} refuses layer={layer} pool={pool}: {probe.error}")
 
 
 # --- the pipeline -------------------------------------------------------------------------
@@ -331,8 +332,13 @@ def read_fasta_blocks(files) -> Iterator[Any]:
 
 
 def drop_done(batch, done):
-    """``batch`` without the ids in ``done`` and without repeats of an id within it."""
+    """``batch`` without the ids in ``done`` (an array, or its Ray object ref) and without
+    repeats of an id within it."""
     import pyarrow.compute as pc
+    import ray
+
+    if isinstance(done, ray.ObjectRef):
+        done = ray.get(done)
 
     batch = batch.select(["id", "sequence"]).filter(pc.invert(pc.is_in(batch["id"], done)))
     ids = batch["id"].to_pylist()
@@ -351,12 +357,16 @@ class ServerEmbedActor:
     def __init__(self, targets, client_options, layer, pool, output, metadata):
         from esmc_client.client import ESMCClient
 
-        options = {"retry": _CLIENT_RETRY, **client_options}
+        retry = _CLIENT_RETRY if len(targets) > 1 else RetryPolicy()
+        options = {"retry": retry, **client_options}
         self._clients = [ESMCClient(target, **options) for target in targets]
         self._rest_until = [0.0] * len(targets)
         self._rest_s = [_REST_S] * len(targets)
         self._options = {"layer": layer, "pool": pool, "batch_size": 32, "concurrency": 4}
         self._store = PartStore(output, metadata)
+        [probe] = self._embed([("probe", "M")])
+        if probe is not None:  # None: no target answered yet; the blocks will retry them
+            _check_probe(probe, ", ".join(targets), layer, pool)
 
     def __call__(self, batch):
         records = list(zip(batch["id"].to_pylist(), batch["sequence"].to_pylist()))
@@ -412,8 +422,7 @@ class EngineEmbedActor:
         self._embedder = LocalEmbedder(model, **embedder_options)
         info = self._embedder.info()
         [probe] = self._embedder.embed([("probe", "M")], layer=layer, pool=pool)
-        if probe.error is not None:
-            raise ValueError(f"{model} refuses layer={layer} pool={pool}: {probe.error}")
+        _check_probe(probe, model, layer, pool)
         shape = {key: str(info[key]) for key in ("server_version", "d_model", "n_layers")}
         self._layer, self._pool = layer, pool
         self._store = PartStore(output, {**metadata, **shape})
@@ -453,8 +462,10 @@ class PartStore:
         """Every id written so far (a pyarrow array)."""
         import pyarrow as pa
 
-        table = self._dataset().to_table(columns=["id"])
-        return table["id"].combine_chunks() if table.num_rows else pa.array([], pa.string())
+        dataset = self._dataset()
+        if not dataset.files:
+            return pa.array([], pa.string())
+        return dataset.to_table(columns=["id"])["id"].combine_chunks()
 
     def duplicates(self) -> int:
         ids = self.ids()
@@ -652,6 +663,13 @@ def cmd_ray_embed(args: argparse.Namespace) -> int:
 
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The client's connection options among the parsed flags (TLS, token), by name."""
-    names = ("tls", "root_certificates", "client_certificate", "client_key", "token")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    """The client's TLS and token options from the ``--tls*``/``--token`` flags; certificate
+    files are read here, so actors on other nodes get their bytes, not a local path."""
+    options: dict[str, Any] = {"token": args.token or None, "tls": args.tls}
+    files = {"root_certificates": args.tls_ca, "client_certificate": args.tls_cert,
+             "client_key": args.tls_key}
+    for name, path in files.items():
+        if path:
+            with open(path, "rb") as handle:
+                options[name] = handle.read()
+    return {name: value for name, value in options.items() if value is not None}
