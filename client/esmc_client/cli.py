@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from esmc_client import score_cli
 from esmc_client import ray as ray_jobs
+from esmc_client import score_cli
 from esmc_client.channel import DEFAULT_TARGET
 from esmc_client.client import ESMCClient
 from esmc_client.fasta import read_fasta

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -173,10 +174,10 @@ def embed_in_process(
         "output": output,
         "metadata": metadata,
     }
-    resources = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "max_concurrency": 2}
+    resources = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor}
     return run_job(
         inputs, output, EngineEmbedActor, actor_kwargs, metadata,
-        concurrency=concurrency, batch_size=batch_size, resources=resources,
+        concurrency=concurrency, calls_per_actor=2, batch_size=batch_size, resources=resources,
         progress=progress, id_column=id_column, sequence_column=sequence_column,
     )
 
@@ -235,11 +236,17 @@ def run_job(
     batch_size: int,
     resources: dict[str, Any],
     progress: bool,
+    calls_per_actor: int = 1,
     id_column: str = "id",
     sequence_column: str = "sequence",
 ) -> JobSummary:
-    """Read, skip what ``output`` holds, embed the rest with ``actor_class`` actors."""
+    """Read, skip what ``output`` holds, embed the rest with ``actor_class`` actors.
+
+    ``calls_per_actor`` > 1 lets an actor take the next block while one is in flight (the
+    in-process engine then packs both blocks into its forwards).
+    """
     import ray
+    import ray.data
 
     if not ray.is_initialized():
         ray.init()
@@ -248,87 +255,117 @@ def run_job(
     store.check_compatible(metadata)
     done = store.ids()
     summary = JobSummary(output=output, already_done=len(done))
-    pending = read_inputs(inputs, id_column, sequence_column).map_batches(
-        drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow"
+    pending = (
+        read_inputs(inputs, id_column, sequence_column, batch_size)
+        .map_batches(drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow")
+        .repartition(target_num_rows_per_block=batch_size)  # one actor call per block
     )
-    total = pending.count() if len(done) else None  # a resume: maybe nothing is left to do
-    if total == 0:
-        summary.seconds = time.perf_counter() - start
-        return summary
+    pool = ray.data.ActorPoolStrategy(
+        size=concurrency,
+        max_concurrent_calls_per_actor=calls_per_actor,
+        enable_true_multi_threading=calls_per_actor > 1,
+    )
     stats = pending.map_batches(
         actor_class,
         fn_constructor_kwargs=actor_kwargs,
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=concurrency,
+        compute=pool,
         **resources,
     )
-    with _progress_bar(total, progress) as bar:
+    with _progress_bar(progress) as bar:
         for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
             for key in ("written", "errors", "unfinished"):
                 setattr(summary, key, getattr(summary, key) + sum(batch[key].to_pylist()))
-            bar.update(sum(batch["written"].to_pylist()) + sum(batch["unfinished"].to_pylist()))
+            bar.update(sum(batch["written"].to_pylist()))
     summary.duplicates = store.duplicates()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def input_format(path: str) -> str:
-    """``fasta``, ``parquet`` or ``csv`` by suffix (a directory: by the files inside)."""
-    name = path.lower()
-    if os.path.isdir(path):
-        for entry in sorted(os.listdir(path)):
-            if not entry.startswith((".", "_")):
-                return input_format(os.path.join(path, entry))
-        raise ValueError(f"{path}: empty directory")
-    if name.endswith(FASTA_SUFFIXES):
-        return "fasta"
-    for kind in ("parquet", "csv"):
-        if name.endswith("." + kind):
-            return kind
-    raise ValueError(f"{path}: unknown input type; use {', '.join(FASTA_SUFFIXES)}, .parquet or .csv")
+def input_files(inputs: Sequence[str]) -> list[tuple[str, str]]:
+    """``(path, format)`` of every input file; a directory stands for the files in it
+    (names starting with ``.`` or ``_`` skipped). Formats by suffix: FASTA
+    (``.fasta``, ``.fa``, ``.faa``, ``.fas``), ``.parquet`` or ``.csv``."""
+    files = []
+    for path in map(str, inputs):
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if not n.startswith((".", "_")))
+            files += input_files([os.path.join(path, n) for n in names])
+            continue
+        name = path.lower()
+        kind = "fasta" if name.endswith(FASTA_SUFFIXES) else name.rsplit(".", 1)[-1]
+        if kind not in INPUT_FORMATS:
+            raise ValueError(
+                f"{path}: unknown input type; use {', '.join(FASTA_SUFFIXES)}, .parquet or .csv"
+            )
+        files.append((path, kind))
+    if not files:
+        raise ValueError(f"no input files in {', '.join(map(str, inputs))}")
+    return files
 
 
-def read_inputs(inputs: Sequence[str], id_column: str = "id", sequence_column: str = "sequence"):
-    """One Ray dataset of ``id``, ``sequence`` (strings) from every input."""
-    import pyarrow as pa
-    import pyarrow.csv
+def read_inputs(
+    inputs: Sequence[str],
+    id_column: str = "id",
+    sequence_column: str = "sequence",
+    rows: int = FASTA_BLOCK_RECORDS,
+):
+    """One Ray dataset of ``id``, ``sequence`` (strings) from every input file, one read
+    task per file streaming blocks of at most ``rows`` rows (files must be readable from
+    every node: a shared filesystem)."""
     import ray.data
 
-    by_format: dict[str, list[str]] = {kind: [] for kind in INPUT_FORMATS}
-    for path in inputs:
-        by_format[input_format(str(path))].append(str(path))
-    columns = [id_column, sequence_column]
-    parts = []
-    if by_format["fasta"]:
-        files = ray.data.from_items([{"path": p} for p in by_format["fasta"]])
-        parts.append(files.map_batches(read_fasta_blocks, batch_size=1, batch_format="pyarrow"))
-    if by_format["parquet"]:
-        tables = ray.data.read_parquet(by_format["parquet"], columns=columns)
-        parts.append(tables.rename_columns(dict(zip(columns, ("id", "sequence")))))
-    if by_format["csv"]:
-        types = {name: pa.string() for name in columns}
-        options = pyarrow.csv.ConvertOptions(column_types=types, include_columns=columns)
-        tables = ray.data.read_csv(by_format["csv"], convert_options=options)
-        parts.append(tables.rename_columns(dict(zip(columns, ("id", "sequence")))))
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    files = [{"path": path, "format": kind} for path, kind in input_files(inputs)]
+    columns = {"id_column": id_column, "sequence_column": sequence_column, "rows": rows}
+    return ray.data.from_items(files).map_batches(
+        read_blocks, fn_kwargs=columns, batch_size=1, batch_format="pyarrow"
+    )
 
 
-def read_fasta_blocks(files) -> Iterator[Any]:
-    """The records of each FASTA file, as tables of at most FASTA_BLOCK_RECORDS rows."""
+def read_blocks(files, id_column: str, sequence_column: str, rows: int) -> Iterator[Any]:
+    """The records of each file, as ``id``, ``sequence`` tables of at most ``rows`` rows."""
+    for path, kind in zip(files["path"].to_pylist(), files["format"].to_pylist()):
+        if kind == "fasta":
+            yield from _fasta_blocks(path, rows)
+        else:
+            yield from _table_blocks(path, kind, id_column, sequence_column, rows)
+
+
+def _fasta_blocks(path: str, rows: int) -> Iterator[Any]:
     import pyarrow as pa
 
-    for path in files["path"].to_pylist():
-        ids: list[str] = []
-        sequences: list[str] = []
-        for uid, sequence in read_fasta(path):
-            ids.append(uid)
-            sequences.append(sequence)
-            if len(ids) == FASTA_BLOCK_RECORDS:
-                yield pa.table({"id": ids, "sequence": sequences})
-                ids, sequences = [], []
-        if ids:
+    ids: list[str] = []
+    sequences: list[str] = []
+    for uid, sequence in read_fasta(path):
+        ids.append(uid)
+        sequences.append(sequence)
+        if len(ids) == rows:
             yield pa.table({"id": ids, "sequence": sequences})
+            ids, sequences = [], []
+    if ids:
+        yield pa.table({"id": ids, "sequence": sequences})
+
+
+def _table_blocks(path: str, kind: str, id_column: str, sequence_column: str, rows: int):
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    columns = [id_column, sequence_column]
+    if kind == "parquet":
+        batches = pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns)
+    else:
+        types = {name: pa.string() for name in columns}
+        options = pyarrow.csv.ConvertOptions(column_types=types, include_columns=columns)
+        batches = pyarrow.csv.open_csv(path, convert_options=options)
+    for batch in batches:
+        for start in range(0, batch.num_rows, rows):
+            part = batch.slice(start, rows)
+            yield pa.table({
+                "id": part.column(id_column).cast(pa.string()),
+                "sequence": part.column(sequence_column).cast(pa.string()),
+            })
 
 
 def drop_done(batch, done):
@@ -364,11 +401,14 @@ class ServerEmbedActor:
         self._rest_s = [_REST_S] * len(targets)
         self._options = {"layer": layer, "pool": pool, "batch_size": 32, "concurrency": 4}
         self._store = PartStore(output, metadata)
-        [probe] = self._embed([("probe", "M")])
-        if probe is not None:  # None: no target answered yet; the blocks will retry them
-            _check_probe(probe, ", ".join(targets), layer, pool)
+        self._probed = False
 
     def __call__(self, batch):
+        if not self._probed:  # at the first block: a job with nothing to do computes nothing
+            [probe] = self._embed([("probe", "M")])
+            if probe is not None:  # None: no target answered yet; the blocks retry them
+                _check_probe(probe, "the targets", self._options["layer"], self._options["pool"])
+            self._probed = True
         records = list(zip(batch["id"].to_pylist(), batch["sequence"].to_pylist()))
         return self._store.write(records, self._embed(records))
 
@@ -417,20 +457,30 @@ class EngineEmbedActor:
     """Embeds blocks with the server's engine in this process, on this actor's device."""
 
     def __init__(self, model, embedder_options, layer, pool, output, metadata):
-        from esmc_server.embedder import LocalEmbedder
-
-        self._embedder = LocalEmbedder(model, **embedder_options)
-        info = self._embedder.info()
-        [probe] = self._embedder.embed([("probe", "M")], layer=layer, pool=pool)
-        _check_probe(probe, model, layer, pool)
-        shape = {key: str(info[key]) for key in ("server_version", "d_model", "n_layers")}
+        self._args = (model, embedder_options, output, metadata)
         self._layer, self._pool = layer, pool
-        self._store = PartStore(output, {**metadata, **shape})
+        self._lock = threading.Lock()
+        self._embedder = None
 
     def __call__(self, batch):
+        with self._lock:  # the model loads at the first block, not for a job with none
+            if self._embedder is None:
+                self._start()
         records = list(zip(batch["id"].to_pylist(), batch["sequence"].to_pylist()))
         results = self._embedder.embed(records, layer=self._layer, pool=self._pool)
         return self._store.write(records, [None if _transient(r) else r for r in results])
+
+    def _start(self) -> None:
+        from esmc_server.embedder import LocalEmbedder
+
+        model, embedder_options, output, metadata = self._args
+        embedder = LocalEmbedder(model, **embedder_options)
+        [probe] = embedder.embed([("probe", "M")], layer=self._layer, pool=self._pool)
+        _check_probe(probe, model, self._layer, self._pool)
+        info = embedder.info()
+        shape = {key: str(info[key]) for key in ("server_version", "d_model", "n_layers")}
+        self._store = PartStore(output, {**metadata, **shape})
+        self._embedder = embedder
 
 
 def _transient(result: EmbedResult) -> bool:
@@ -571,12 +621,12 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: int | None, enabled: bool):
+def _progress_bar(enabled: bool):
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="seq", desc="ray-embed")
+    return tqdm(unit="seq", desc="ray-embed")
 
 
 # --- the command --------------------------------------------------------------------------
