@@ -1,11 +1,14 @@
 """The esmc CLI without a server: argument parsing, FASTA reading, output files."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from esmc_client import EmbedResult, ResponseMetadata
-from esmc_client.cli import build_parser, main, top_tokens_lines, write_embeddings
-from esmc_client.fasta import read_fasta
+from esmc_client.cli import build_parser, main, top_tokens_lines
+from esmc_client.fasta import FastaError, read_fasta, residue_count, truncate
+from esmc_client.outputs import read_embeddings, write_embeddings
 
 pytestmark = pytest.mark.unit
 
@@ -67,9 +70,11 @@ def test_missing_optional_writer_is_named(capsys):
 
 def test_target_from_the_environment(monkeypatch, capsys):
     monkeypatch.setenv("ESMC_TARGET", "127.0.0.1:1")  # nothing listens there
-    assert main(["info", "--timeout", "5"]) == 1
+    assert main(["info", "--timeout", "5"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("esmc info: UNAVAILABLE") or err.startswith("esmc info: DEADLINE_EXCEEDED")
+    assert err.startswith("esmc info: cannot use the server at 127.0.0.1:1: ")
+    assert "UNAVAILABLE" in err or "DEADLINE_EXCEEDED" in err
+    assert err.count("\n") == 1
 
 
 def test_no_command_prints_help(capsys):
@@ -82,47 +87,150 @@ def test_read_fasta(tmp_path):
     path.write_text(
         ">sp|P1|ONE first protein\nmktay\nIAKQ*\n\n; a comment\n>two\nLL<mask>V\n>empty\n>three x\nM K T\n"
     )
-    assert list(read_fasta(path)) == [
-        ("sp|P1|ONE", "MKTAYIAKQ"), ("two", "LL<mask>V"), ("empty", ""), ("three", "MKT"),
+    assert list(read_fasta(path)) == [  # case kept: lowercase is the caller's decision
+        ("sp|P1|ONE", "mktayIAKQ"), ("two", "LL<mask>V"), ("empty", ""), ("three", "MKT"),
+    ]
+    assert list(read_fasta(path, uppercase=True))[:2] == [
+        ("sp|P1|ONE", "MKTAYIAKQ"), ("two", "LL<mask>V"),
     ]
 
 
 def test_read_fasta_rejects_text_before_a_header(tmp_path):
     path = tmp_path / "bad.fasta"
     path.write_text("\nMKT\n>a\nMK\n")
-    with pytest.raises(ValueError, match=r"bad.fasta:2: sequence data before the first"):
+    with pytest.raises(FastaError, match=r"bad.fasta:2: sequence data before the first"):
         list(read_fasta(path))
 
 
-def _result(uid, values):
-    return EmbedResult(uid, np.float32(values), None, ResponseMetadata())
+def test_one_fasta_reader_for_library_and_client():
+    """esmc.fasta is the client's reader, and importing that reader loads neither grpc nor torch."""
+    import esmc.fasta
+    import esmc_client.fasta
+
+    assert esmc.fasta.read_fasta is esmc_client.fasta.read_fasta
+    script = ("import sys, esmc_client.fasta; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'torch', 'numpy')))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
-def test_write_npz_keeps_ids_and_order(tmp_path):
+def test_masks_count_as_one_residue():
+    assert residue_count("MK<mask>L") == 4 and truncate("MK<mask>LV", 3) == "MK<mask>"
+    assert truncate("MKTLV", 2) == "MK"
+
+
+# --- output files -------------------------------------------------------------------------
+
+META = {"model": "esmc-tiny", "layer": -2, "pooling": "mean", "dtype": "float16",
+        "server_version": "0.1.0", "d_model": 3, "n_layers": 4, "max_residues": 2046}
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".parquet"])
+def test_every_format_records_ids_embeddings_and_the_run(tmp_path, suffix):
+    path = tmp_path / f"out{suffix}"
+    matrix = np.float32([[1, 2, 3], [4, 5, 6]])
+    write_embeddings(path, ["sp|P1|A", "b"], list(matrix), META, [False, True])
+    back = read_embeddings(path)
+    assert back.ids == ["sp|P1|A", "b"] and back.offsets is None
+    np.testing.assert_array_equal(back.embeddings, matrix)
+    assert back.embeddings.dtype == np.float32
+    assert back.truncated.tolist() == [False, True]
+    assert back.metadata == {**META, "format": 1}
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".parquet"])
+def test_per_position_embeddings_keep_each_protein_rows(tmp_path, suffix):
+    path = tmp_path / f"out{suffix}"
+    first, second = np.arange(12, dtype=np.float32).reshape(4, 3), np.ones((2, 3), np.float32)
+    write_embeddings(path, ["a", "b"], [first, second], {**META, "pooling": "none"})
+    back = read_embeddings(path)
+    assert back.offsets.tolist() == [0, 4, 6] and back.metadata["pooling"] == "none"
+    np.testing.assert_array_equal(back[0], first)
+    np.testing.assert_array_equal(back[1], second)
+
+
+def test_npz_keys_are_plain_arrays(tmp_path):
     path = tmp_path / "out.npz"
-    write_embeddings(path, [_result("sp|P1|A", [1, 2, 3]), _result("b", [4, 5, 6])])
+    write_embeddings(path, ["a"], [np.float32([1, 2, 3])], META)
     with np.load(path) as data:
-        assert data["ids"].tolist() == ["sp|P1|A", "b"]
-        np.testing.assert_array_equal(data["embeddings"], np.float32([[1, 2, 3], [4, 5, 6]]))
-        assert data["embeddings"].dtype == np.float32
+        assert sorted(data.files) == sorted(
+            ["ids", "embeddings", "truncated", *META, "format"])
+        assert data["model"].item() == "esmc-tiny" and int(data["layer"]) == -2
 
 
-def test_write_h5(tmp_path):
-    h5py = pytest.importorskip("h5py")
-    path = tmp_path / "out.h5"
-    write_embeddings(path, [_result("a", [1, 2]), _result("b", [3, 4])])
-    with h5py.File(path) as handle:
-        assert [i.decode() for i in handle["ids"][:]] == ["a", "b"]
-        np.testing.assert_array_equal(handle["embeddings"][:], np.float32([[1, 2], [3, 4]]))
+# --- help and whole-run errors (no server needed) -----------------------------------------
 
 
-def test_write_parquet(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
-    path = tmp_path / "out.parquet"
-    write_embeddings(path, [_result("a", [1, 2]), _result("b", [3, 4])])
-    table = pq.read_table(path)
-    assert table.column("id").to_pylist() == ["a", "b"]
-    assert table.column("embedding").to_pylist() == [[1.0, 2.0], [3.0, 4.0]]
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("embed", ["(default: -1)", "(default: mean)", "(default: float32)", "(default: embed)",
+                   "(default: 256)", "(default: 4)", "(default: 64)", "(default: 30.0)",
+                   "ESMC_TARGET", "default: what the server accepts"]),
+        ("generate", ["(default: 20)", "(default: random)", "(default: cosine)", "(default: 1.0)",
+                      "(default: True)"]),
+        ("logits", ["(default: 3)", "(default: float32)"]),
+        ("info", ["ESMC_TARGET", "(default: False)"]),
+    ],
+)
+def test_help_shows_defaults(command, shown, capsys, monkeypatch):
+    monkeypatch.setenv("ESMC_TOKEN", "s3cret-token")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in shown:
+        assert text in out, text
+    assert "s3cret-token" not in out and "(default: None)" not in out
+
+
+def _fasta(tmp_path, text: str):
+    path = tmp_path / "in.fasta"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "extra", "message"),
+    [
+        (None, [], "cannot read {missing}: No such file or directory"),
+        ("MKTL\nLLV\n", [], "in.fasta:1: sequence data before the first '>' header"),
+        ("", [], "no sequences in"),
+        (">a\nMK\n>b\nLV\n>a\nMKT\n>b\nL\n", [], "2 ids occur more than once in"),
+        (">a\nMK\n>b\nmkTL\n>c\nLLv\n", [], "2 sequences contain lowercase letters (first: b, "
+         "'m' at residue 0); ESMC reads upper-case one-letter codes; pass --uppercase"),
+    ],
+)
+def test_input_problems_are_one_line_and_exit_2(tmp_path, capsys, text, extra, message):
+    path = tmp_path / "missing.fasta" if text is None else _fasta(tmp_path, text)
+    out = tmp_path / "out.npz"
+    code = main(["embed", str(path), "-o", str(out), "--target", "127.0.0.1:1", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("esmc embed: ")
+    assert message.format(missing=path) in err
+    assert not out.exists()
+
+
+def test_duplicate_ids_are_named(tmp_path, capsys):
+    path = _fasta(tmp_path, ">a\nMK\n>b\nLV\n>a\nMKT\n")
+    assert main(["embed", str(path), "-o", str(tmp_path / "o.npz"), "--target", "127.0.0.1:1"]) == 2
+    assert "1 ids occur more than once in" in capsys.readouterr().err  # "a" named
+
+
+def test_unreachable_server_is_one_line_without_traceback(tmp_path):
+    path = _fasta(tmp_path, "".join(f">p{i}\nMKTLLV\n" for i in range(100)))
+    command = [sys.executable, "-m", "esmc_client.cli", "embed", str(path), "-o",
+               str(tmp_path / "out.npz"), "--target", "127.0.0.1:1", "--timeout", "10"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("esmc embed: cannot use the server at 127.0.0.1:1: ")
+
+
+def test_lowercase_prompt_is_refused_with_the_hint(capsys):
+    assert main(["generate", "mkt__", "--target", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "the prompt contains lowercase letters ('m' at residue 0)" in err and "--uppercase" in err
 
 
 def test_top_tokens_lines():

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -22,43 +21,11 @@ import torch
 
 from esmc import ESMC, ESMCConfig
 from esmc_client import AsyncESMCClient, ESMCClient, ESMCError, RetryPolicy
-from esmc_server.app import create_server
 from esmc_server.config import BatchingConfig, ServerConfig
-from helpers_server import free_port, random_sequence, scrape_metrics
+from helpers_client import ThreadServer, requests_by_code
+from helpers_server import free_port, random_sequence
 
 pytestmark = pytest.mark.e2e
-
-
-def requests_by_code(metrics_port: int, method: str) -> dict[str, float]:
-    """``esmc_requests_total`` of ``method``: status code -> count."""
-    counts: dict[str, float] = defaultdict(float)
-    for (name, labels), value in scrape_metrics(metrics_port).items():
-        labels = dict(labels)
-        if name == "esmc_requests_total" and labels.get("method") == method:
-            counts[labels["code"]] += value
-    return counts
-
-
-class ThreadServer:
-    """An in-process server on its own event-loop thread (clients of any kind can call it)."""
-
-    def __init__(self, model: ESMC, config: ServerConfig):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server, self.port = self._run(create_server(config, model=model), 120)
-
-    def _run(self, coroutine, timeout: float):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self._run(self.server.stop(2), 60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

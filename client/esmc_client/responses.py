@@ -61,6 +61,7 @@ def parse_info(message: pb.InfoResponse) -> ServerInfo:
         max_message_bytes=message.max_message_bytes,
         server_version=message.server_version,
         logits_width=message.logits_width,
+        trained_context=getattr(message, "trained_context", 0),  # servers before field 13: 0
     )
 
 

@@ -95,7 +95,7 @@ def read_wild_type(text: str, record_id: str | None) -> str:
         if record_id is not None:
             raise SystemExit(f"esmc score: --id needs a FASTA file; {text!r} is not a file")
         return text.strip().upper()
-    records = list(read_fasta(path))
+    records = list(read_fasta(path, uppercase=True))  # as the sequence argument is upper-cased
     if record_id is not None:
         records = [(name, seq) for name, seq in records if name == record_id]
     if not records:

@@ -99,13 +99,14 @@ class ServerInfo:
     n_heads: int
     n_layers: int
     vocabulary: tuple[str, ...]  # index = token id
-    max_length: int  # tokens per protein, BOS and EOS included
+    max_length: int  # tokens per protein this server accepts, BOS and EOS included
     dtype: str
     device: str
     batching: BatchingLimits
     max_message_bytes: int
     server_version: str
     logits_width: int
+    trained_context: int = 0  # tokens the model was trained on, BOS/EOS included (0: unknown)
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
