@@ -339,7 +339,8 @@ def test_cli_embed_writes_what_the_client_returns(served, tmp_path, capsys):
                      "--batch-size", "6", "--no-progress"])
     assert code == 1  # one sequence failed; the rest are written
     err = capsys.readouterr().err
-    assert "p10: INVALID_ARGUMENT" in err and "1 of 20 sequences failed" in err
+    assert "20 proteins: 19 embedded" in err and "1 failed" in err
+    assert "failed (1) p10: INVALID_ARGUMENT" in err
     with ESMCClient(served.target) as client:
         results = [r for r in client.embed(items) if r.ok]
     with np.load(out) as data:
@@ -360,8 +361,8 @@ def test_cli_generate_stream_prints_the_sequence_filling_in(served):
                    "--seed", "9", "--stream", "--target", served.target)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split()[0] for line in lines[:3]] == ["1/3", "2/3", "3/3"]
-    sequences = [line.split()[1] for line in lines[:3]]
+    assert [line.split()[:2] for line in lines[:3]] == [["step", "1/3"], ["step", "2/3"], ["step", "3/3"]]
+    sequences = [line.split()[2] for line in lines[:3]]
     masks = [s.count("_") for s in sequences]
     assert masks == sorted(masks, reverse=True) and masks[-1] == 0 and masks[0] < PROMPT.count("_")
     assert lines[3:] == [expected] and sequences[-1] == expected

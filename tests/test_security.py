@@ -260,7 +260,7 @@ def test_cli_token_flag_and_environment(loop, model, tokens_file, monkeypatch, c
     with serving(loop, model, auth_tokens_file=str(tokens_file)) as served:
         assert cli_main(["info", "--target", served.target, "--token", TOKEN, "--json"]) == 0
         assert '"d_model": 64' in capsys.readouterr().out
-        assert cli_main(["info", "--target", served.target]) == 1
+        assert cli_main(["info", "--target", served.target]) == 2  # a whole-run failure (issue 11)
         assert "UNAUTHENTICATED" in capsys.readouterr().err
         monkeypatch.setenv("ESMC_TOKEN", OTHER_TOKEN)
         assert cli_main(["info", "--target", served.target]) == 0
@@ -389,9 +389,9 @@ def test_tls_with_tokens_and_the_cli(loop, model, pki, tokens_file, capsys, capl
             base = ["info", "--target", served.target, "--tls-ca", pki["ca.pem"]]
             assert cli_main([*base, "--token", TOKEN]) == 0
             assert "d_model: 64" in capsys.readouterr().out
-            assert cli_main(base) == 1
+            assert cli_main(base) == 2  # whole-run failures exit 2 (issue 11)
             assert "UNAUTHENTICATED" in capsys.readouterr().err
-            assert cli_main(["info", "--target", served.target, "--token", TOKEN]) == 1
+            assert cli_main(["info", "--target", served.target, "--token", TOKEN]) == 2
             assert "UNAVAILABLE" in capsys.readouterr().err  # plaintext to a TLS port
     assert not [r for r in caplog.records if "plaintext" in r.getMessage()]
 
