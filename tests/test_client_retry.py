@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import threading
+import time
 
 import grpc
 import grpc.aio
@@ -31,6 +32,8 @@ FAST = RetryPolicy(max_retries=3, initial_backoff_s=0.01, max_backoff_s=0.05)
 class ScriptedServicer(pb_grpc.ESMCServicer):
     def __init__(self):
         self.attempts = collections.Counter()  # sequence -> times seen
+        self.times = collections.defaultdict(list)  # sequence -> arrival times (Encode)
+        self.answered = 0  # Embed answers sent
         self.info_calls = 0
         self.outstanding = 0
         self.max_outstanding = 0
@@ -40,6 +43,18 @@ class ScriptedServicer(pb_grpc.ESMCServicer):
         if self.info_calls <= 2:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
         return pb.InfoResponse(model_name="scripted", d_model=2)
+
+    async def Encode(self, request, context):
+        """``PUSH<ms>``: RESOURCE_EXHAUSTED with that pushback on the first attempt;
+        ``STOP``: always RESOURCE_EXHAUSTED with pushback -1 ("do not retry")."""
+        sequence = request.protein.sequence
+        self.attempts[sequence] += 1
+        self.times[sequence].append(time.monotonic())
+        if sequence == "STOP" or self.attempts[sequence] == 1:
+            pushback = "-1" if sequence == "STOP" else sequence.removeprefix("PUSH")
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", pushback),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        return pb.EncodeResponse(tokens=pb.ESMProteinTensor(sequence=[0, 2]))
 
     async def Embed(self, request_iterator, context):
         queue: asyncio.Queue = asyncio.Queue()
@@ -61,6 +76,7 @@ class ScriptedServicer(pb_grpc.ESMCServicer):
             if sequence.startswith("DROP") and self.attempts[sequence] == 1:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "replica going away")
             yield self._answer(request.id, sequence, self.attempts[sequence])
+            self.answered += 1
         await reader
 
     @staticmethod
@@ -189,3 +205,73 @@ def test_progress_bar_counts_every_sequence(scripted, capsys):
         results = client.embed(SEQUENCES, progress=True)
     assert len(results) == 5
     assert "5/5" in capsys.readouterr().err
+
+
+def test_server_pushback_sets_the_wait_and_negative_pushback_stops(scripted):
+    servicer, port = scripted
+    with ESMCClient(f"127.0.0.1:{port}", retry=RetryPolicy(initial_backoff_s=0.001)) as client:
+        client.encode("PUSH300", timeout=30)
+        with pytest.raises(ESMCError) as error:
+            client.encode("STOP", timeout=30)
+    first, second = servicer.times["PUSH300"]
+    assert second - first >= 0.3  # the server's 300 ms, not the client's 1 ms backoff
+    assert servicer.attempts["STOP"] == 1 and error.value.pushback_ms == -1
+    assert error.value.code == "RESOURCE_EXHAUSTED" and error.value.attempts == 1
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_bulk_embed_rides_out_a_restart_on_the_same_port(use_async):
+    """The server stops mid-run and a new one binds the same port 1 s later: every sequence
+    gets its answer, the definitive error is not sent again."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    servicer = ScriptedServicer()
+
+    async def start(port: int):
+        server = grpc.aio.server()
+        pb_grpc.add_ESMCServicer_to_server(servicer, server)
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        return server, bound
+
+    def run(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(30)
+
+    server, port = run(start(0))
+    sequences = [("bad", "BAD1")] + [(f"p{i}", "MK" + "L" * (i % 7)) for i in range(300)]
+    outcome = {}
+
+    def embed():
+        target = f"127.0.0.1:{port}"
+        if use_async:
+            async def go():
+                async with AsyncESMCClient(target, retry=FAST) as client:
+                    return await client.embed(sequences, batch_size=50, max_in_flight=2)
+
+            outcome["results"] = asyncio.run(go())
+        else:
+            with ESMCClient(target, retry=FAST) as client:
+                outcome["results"] = client.embed(sequences, batch_size=50, max_in_flight=2)
+
+    worker = threading.Thread(target=embed)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while servicer.answered < 40:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        run(server.stop(None))
+        time.sleep(1.0)
+        server, _ = run(start(port))
+        worker.join(60)
+        assert not worker.is_alive()
+    finally:
+        run(server.stop(None))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+    results = outcome["results"]
+    assert [r.id for r in results] == [uid for uid, _ in sequences]
+    assert results[0].error.code == "INVALID_ARGUMENT" and servicer.attempts["BAD1"] == 1
+    assert all(r.ok for r in results[1:])
+    assert any(r.attempts > 1 for r in results)  # the restart cut streams short
