@@ -28,7 +28,7 @@ SPECIAL_IDS: tuple[int, ...] = (BOS_ID, PAD_ID, EOS_ID, UNK_ID, CHAIN_BREAK_ID, 
 TOKEN_TO_ID: dict[str, int] = {tok: i for i, tok in enumerate(VOCABULARY)}
 _CHAR_TO_ID: dict[str, int] = {tok: i for tok, i in TOKEN_TO_ID.items() if len(tok) == 1}
 _CHAR_TO_ID["_"] = MASK_ID
-_MASK_LITERAL = re.compile(r"<mask>")
+_LITERAL = re.compile(r"<mask>|<unk>")
 
 
 class TokenizationError(ValueError):
@@ -45,36 +45,68 @@ def encode(sequence: str, *, max_length: int | None = None) -> torch.Tensor:
 
 
 def encode_ids(sequence: str, *, max_length: int | None = None) -> list[int]:
-    """Like :func:`encode`, as a plain list of ints."""
+    """Like :func:`encode`, as a plain list of ints.
+
+    The length is checked first, from the string's size, before any character is read; the
+    literals ``<mask>`` and ``<unk>`` (what :func:`decode` writes for id 3) are one residue each.
+    """
     if not isinstance(sequence, str):
         raise TokenizationError(f"sequence must be a string, got {type(sequence).__name__}")
+    if max_length is not None and len(sequence) > max_length - 2:
+        residues = len(sequence)
+        if "<" in sequence:
+            residues -= 5 * sequence.count("<mask>") + 4 * sequence.count("<unk>")
+        check_residue_count(residues, max_length)
     ids = [BOS_ID]
     pos = 0
     residue = 0
     while pos < len(sequence):
-        if sequence.startswith("<mask>", pos):
-            ids.append(MASK_ID)
-            pos += len("<mask>")
+        literal = _LITERAL.match(sequence, pos) if sequence[pos] == "<" else None
+        if literal is not None:
+            ids.append(TOKEN_TO_ID[literal.group()])
+            pos = literal.end()
         else:
             char = sequence[pos]
             token_id = _CHAR_TO_ID.get(char)
             if token_id is None:
-                raise TokenizationError(
-                    f"invalid character {char!r} at position {pos} (residue {residue}); "
-                    f"allowed: {RESIDUES} . - | and _ or <mask> for a mask"
-                )
+                raise TokenizationError(_invalid_character(char, pos, residue))
             ids.append(token_id)
             pos += 1
         residue += 1
     if residue == 0:
         raise TokenizationError("sequence is empty")
     ids.append(EOS_ID)
-    if max_length is not None and len(ids) > max_length:
+    return ids
+
+
+def check_residue_count(residues: int, max_length: int) -> None:
+    """Raise unless ``residues`` (BOS/EOS not counted) fit ``max_length`` tokens."""
+    if residues > max_length - 2:
         raise TokenizationError(
-            f"sequence has {len(ids) - 2} residues; the limit is {max_length - 2} "
+            f"sequence has {residues} residues; the limit is {max_length - 2} "
             f"({max_length} tokens including BOS and EOS)"
         )
-    return ids
+
+
+def check_token_count(count: int, max_length: int) -> None:
+    """Raise unless ``count`` token ids (BOS/EOS included) fit ``max_length``."""
+    if count > max_length:
+        raise TokenizationError(
+            f"token sequence has {count} ids; the limit is {max_length} including BOS and EOS"
+        )
+
+
+def _invalid_character(char: str, pos: int, residue: int) -> str:
+    where = f"{char!r} at position {pos} (residue {residue})"
+    if char.upper() in _CHAR_TO_ID and char.upper() != char:
+        return (
+            f"lowercase character {where}: sequences are upper-case; upper-case them first "
+            "(sequence.upper(), or the esmc CLI's --uppercase)"
+        )
+    return (
+        f"invalid character {where}; allowed: {RESIDUES} . - | and _ or <mask> for a mask, "
+        "<unk> for an unknown residue"
+    )
 
 
 def decode(ids: torch.Tensor | list[int]) -> str:
@@ -95,7 +127,12 @@ def decode(ids: torch.Tensor | list[int]) -> str:
 
 
 def validate_ids(ids: list[int] | torch.Tensor, *, max_length: int | None = None) -> None:
-    """Check a token sequence supplied by a caller: BOS ... EOS, ids in the vocabulary."""
+    """Check a token sequence supplied by a caller: BOS ... EOS, ids in the vocabulary.
+
+    The length is checked first, before any id is read.
+    """
+    if max_length is not None:
+        check_token_count(len(ids), max_length)
     values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
     if len(values) < 3:
         raise TokenizationError(
@@ -112,7 +149,3 @@ def validate_ids(ids: list[int] | torch.Tensor, *, max_length: int | None = None
                 f"token id {token_id} at position {i} is not a residue or mask id "
                 f"(valid: 3..{VOCAB_SIZE - 1})"
             )
-    if max_length is not None and len(values) > max_length:
-        raise TokenizationError(
-            f"token sequence has {len(values)} ids; the limit is {max_length} including BOS and EOS"
-        )

@@ -99,9 +99,15 @@ def scrape_metrics(port: int) -> dict[tuple[str, tuple], float]:
 
 
 def server_config(
-    *, max_message_bytes: int = 64 * 1024 * 1024, grace_s: float = 5.0, **batching
+    *,
+    max_message_bytes: int = 64 * 1024 * 1024,
+    grace_s: float = 5.0,
+    settings: dict | None = None,
+    **batching,
 ) -> ServerConfig:
+    """A test server's config: port 0, CPU; ``settings`` sets other ServerConfig fields."""
     return ServerConfig(
+        **(settings or {}),
         model="tiny-random",
         host="127.0.0.1",
         port=0,

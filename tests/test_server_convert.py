@@ -197,7 +197,7 @@ def test_generation_config_defaults_and_values():
         (pb.GenerationConfig(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
         (pb.GenerationConfig(top_p=1.5), "top_p must be in"),
         (pb.GenerationConfig(invalid_ids=[64]), "holds 64, outside the vocabulary"),
-        (pb.GenerationConfig(track="structure"), "config.track: ESMC has no 'structure' track"),
+        (pb.GenerationConfig(track="structure"), "config: ESMC has no 'structure' track"),
         (pb.GenerationConfig(track="banana"), "unknown track 'banana'"),
     ],
 )
@@ -212,7 +212,7 @@ def test_sampling_config():
     )
     assert config.sequence.temperature == 0.5 and config.sequence.top_p == 1.0
     assert config.sequence.only_sample_masked_tokens and config.sequence.topk_logprobs == 3
-    with pytest.raises(InvalidRequest, match="no sasa track"):
+    with pytest.raises(InvalidRequest, match="no 'sasa' track"):
         convert.sampling_config_from_proto(pb.SamplingConfig(sasa=pb.SamplingTrackConfig()))
     with pytest.raises(InvalidRequest, match="topk_logprobs must be an integer in 0..32, got 33"):
         convert.sampling_config_from_proto(
@@ -294,3 +294,74 @@ def test_cli_reports_a_model_it_cannot_load(tmp_path, caplog):
     missing = tmp_path / "nothing.safetensors"
     assert cli_main(["serve", "--model", str(missing), "--port", "0", "--metrics-port", "off"]) == 1
     assert "cannot serve" in caplog.text
+
+
+def test_service_settings_from_env_and_flags(monkeypatch):
+    env = {
+        "ESMC_MAX_LENGTH": "4559",
+        "ESMC_THREADS": "2",
+        "ESMC_EMBED_WINDOW": "8",
+        "ESMC_STREAM_IDLE_TIMEOUT_S": "12.5",
+        "ESMC_DRAIN_DELAY_S": "0",
+        "ESMC_SO_REUSEPORT": "true",
+    }
+    config = ServerConfig.from_env(env)
+    assert (config.max_length, config.max_tokens, config.threads, config.embed_window) == (
+        4559,
+        4561,
+        2,
+        8,
+    )
+    assert (config.stream_idle_timeout_s, config.drain_delay_s, config.so_reuseport) == (
+        12.5,
+        0.0,
+        True,
+    )
+    defaults = ServerConfig()
+    assert (defaults.max_length, defaults.threads, defaults.so_reuseport) == (16384, None, False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    argv = ["--max-length", "100", "--threads", "1", "--embed-window", "3",
+            "--stream-idle-timeout-s", "5", "--drain-delay-s", "1.5"]  # fmt: skip
+    config = config_from_args(build_parser().parse_args(argv))
+    assert (config.max_length, config.threads, config.embed_window) == (100, 1, 3)
+    assert (config.stream_idle_timeout_s, config.drain_delay_s, config.so_reuseport) == (
+        5.0,
+        1.5,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, text",
+    [
+        ({"max_length": 0}, "max_length must be >= 1"),
+        ({"threads": 0}, "threads must be >= 1"),
+        ({"embed_window": 0}, "embed_window must be >= 1"),
+        ({"stream_idle_timeout_s": 0}, "stream_idle_timeout_s must be > 0"),
+        ({"drain_delay_s": -1}, "drain_delay_s must be >= 0"),
+    ],
+)
+def test_service_settings_rejected(overrides, text):
+    with pytest.raises(ValueError, match=text):
+        ServerConfig.from_env({}, **overrides)
+
+
+def test_response_size_is_an_upper_bound_of_the_built_message():
+    from esmc.types import ForwardTrackData, LogitsOutput
+
+    shapes = convert.Shapes(d_model=32, logits_width=64)
+    config, layers = convert.logits_config_from_proto(
+        pb.LogitsConfig(sequence=True, return_hidden_states=True, return_mean_embedding=True), 3
+    )
+    output = LogitsOutput(
+        logits=ForwardTrackData(sequence=torch.zeros(12, 64)),
+        hidden_states=torch.zeros(3, 12, 32),
+        mean_embedding=torch.zeros(32),
+    )
+    for dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_BFLOAT16):
+        built = convert.logits_response(output, layers, dtype, pb.ResponseMetadata(queue_ms=1.5))
+        estimate = convert.logits_response_bytes(config, layers, 12, shapes, dtype)
+        assert built.ByteSize() <= estimate <= built.ByteSize() + 1200
+    with pytest.raises(InvalidRequest, match="the response would be 5000 bytes"):
+        convert.check_response_size(5000, 4000, "ask for less")

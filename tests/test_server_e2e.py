@@ -110,7 +110,8 @@ async def test_health_info_encode_decode(srv):
     info = await srv.stub.Info(pb.InfoRequest())
     assert (info.d_model, info.n_heads, info.n_layers) == (64, 2, 3)
     assert list(info.vocabulary) == list(tokenizer.VOCABULARY)
-    assert (info.max_length, info.logits_width, info.dtype, info.device) == (
+    assert (info.max_length, info.trained_context, info.logits_width, info.dtype, info.device) == (
+        16384 + 2,
         2048,
         64,
         "float32",
@@ -236,7 +237,11 @@ def _tokens_request(ids, **config):
 
 BAD_LOGITS = [
     ("empty", protein_request("", sequence=True), "sequence is empty"),
-    ("too long", protein_request("A" * 2047, sequence=True), "2047 residues; the limit is 2046"),
+    (
+        "too long",
+        protein_request("A" * 16385, sequence=True),
+        r"16385 residues; the limit is 16384 \(16386 tokens",
+    ),
     ("bad character", protein_request("MKTL1A", sequence=True), "'1' at position 4"),
     ("lowercase", protein_request("MKtL", sequence=True), "'t' at position 2"),
     ("token id", _tokens_request([0, 5, 99, 2], sequence=True), "token id 99 at position 2"),
@@ -303,7 +308,7 @@ BAD_SAMPLE = [
             protein=pb.ESMProtein(sequence="MK_"),
             sampling_config=pb.SamplingConfig(sasa=pb.SamplingTrackConfig()),
         ),
-        "no sasa track",
+        "no 'sasa' track",
     ),
     ("bad char", _sample_request(sequence="MK*"), r"'\*' at position 2"),
 ]
@@ -605,7 +610,10 @@ async def test_full_queue_answers_resource_exhausted(narrow):
 async def test_longest_protein_hidden_states_above_4mb():
     model = tiny_model(d_model=256, n_heads=4, n_layers=3, seed=1)
     async with running_server(
-        model, server_config(max_wait_ms=0, max_message_bytes=64 * 1024 * 1024)
+        model,
+        server_config(
+            max_wait_ms=0, max_message_bytes=64 * 1024 * 1024, settings=dict(max_length=2046)
+        ),
     ) as big:
         sequence = random_sequence(np.random.default_rng(2046), 2046)
         response = await big.stub.Logits(
@@ -749,6 +757,8 @@ async def test_sigterm_finishes_calls_in_flight_and_refuses_new_ones(tmp_path):
         "1500",
         "--grace-s",
         "30",
+        "--drain-delay-s",
+        "0",
     ]
     with open(log_path, "wb") as log:
         process = await asyncio.create_subprocess_exec(

@@ -2,7 +2,12 @@
 
 Order of start-up: the gRPC port opens first with health ``NOT_SERVING`` (so probes get an
 answer while the weights load), then the model is loaded off the event loop, the engine starts
-and warms up, and only then health turns ``SERVING``.
+and warms up, and only then health turns ``SERVING``. A port another process holds is an
+error at start (no ``SO_REUSEPORT`` unless ``so_reuseport`` asks for it).
+
+Order of shutdown (:meth:`Server.stop`): health ``NOT_SERVING`` first; the listener keeps
+answering for ``drain_delay_s`` so that load balancers see it and send traffic elsewhere; then
+new calls are refused and calls in flight get ``grace_s`` to finish.
 """
 
 from __future__ import annotations
@@ -36,6 +41,18 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The gRPC server's options: message limits, and SO_REUSEPORT only when asked for."""
+    return [
+        *channel_options(config.max_message_bytes),
+        ("grpc.so_reuseport", 1 if config.so_reuseport else 0),
+    ]
+
+
+class PortInUse(OSError):
+    """The gRPC port could not be bound (another process holds it, or the address is wrong)."""
 
 
 def load_model(config: ServerConfig) -> ESMC:
@@ -92,23 +109,30 @@ class Server:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let calls in flight finish within ``grace_s``.
+    async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:
+        """Health NOT_SERVING; keep answering for ``drain_delay_s`` (load balancers drain);
+        then refuse new calls and let calls in flight finish within ``grace_s``.
 
-        Safe to call more than once (later calls wait for the first).
+        ``esmc serve`` passes the configured ``drain_delay_s`` on SIGTERM; tests and embedders
+        stop at once by default. Safe to call more than once (later calls wait for the first).
         """
         if self._stopping is None:
             grace = self.config.grace_s if grace_s is None else grace_s
-            self._stopping = asyncio.ensure_future(self._stop(grace))
+            self._stopping = asyncio.ensure_future(self._stop(grace, drain_delay_s))
         await asyncio.shield(self._stopping)
 
-    async def _stop(self, grace_s: float) -> None:
-        deadline = time.monotonic() + grace_s
+    async def _stop(self, grace_s: float, drain_delay_s: float) -> None:
         await self.health.enter_graceful_shutdown()
+        if drain_delay_s > 0:
+            log.info("health NOT_SERVING; still answering for %.1f s", drain_delay_s)
+            await asyncio.sleep(drain_delay_s)
+        deadline = time.monotonic() + grace_s
+        self.servicer.drain()
         await self.grpc_server.stop(grace_s)  # refuses new RPCs now, cancels the rest at grace
         self.servicer.detach()
         if self.engine is not None:
             await self.engine.stop(max(0.0, deadline - time.monotonic()))
+        self.servicer.close()
         self.metrics.close()
         log.info("server stopped")
 
@@ -131,7 +155,7 @@ async def create_server(
     )
     security.warn_if_unsafe()
     grpc_server = grpc.aio.server(
-        options=channel_options(config.max_message_bytes) + connection_options(config),
+        options=server_options(config) + connection_options(config),
         interceptors=security.interceptors,
     )
     health = health_aio.HealthServicer()
@@ -144,9 +168,19 @@ async def create_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
-    server.port = security.add_port(grpc_server, f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    try:
+        server.port = security.add_port(grpc_server, address)
+    except RuntimeError:  # grpc raises it when the bind fails
+        server.port = 0
     if server.port == 0:
-        raise RuntimeError(f"cannot bind {config.host}:{config.port}")
+        servicer.close()
+        raise PortInUse(
+            f"cannot bind {address}: the port is in use by another process or the address is "
+            "not available (so_reuseport is off, so two servers never share a port)"
+        )
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     await grpc_server.start()
     try:
         await _start_engine(server, config, engine, model)
@@ -156,6 +190,7 @@ async def create_server(
         await grpc_server.stop(0)
         if server.engine is not None:
             await server.engine.stop(0)
+        servicer.close()
         metrics.close()
         raise
     servicer.attach(server.engine, server.model)

@@ -65,6 +65,40 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument(
         "--fatal-exit-s", type=float, help="seconds from a fatal engine fault to exit status 1"
     )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        help="residues per protein accepted (default 16384, as the hosted API; the model was "
+        "trained on 2046)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for the model (default: torch's choice, one per core); use 1 when "
+        "clients or other servers share the cores",
+    )
+    p.add_argument(
+        "--embed-window",
+        type=int,
+        help="Embed requests per stream computed but not yet written (default 64)",
+    )
+    p.add_argument(
+        "--stream-idle-timeout-s",
+        type=float,
+        help="cancel a stream whose client has read nothing for this long (default 60)",
+    )
+    p.add_argument(
+        "--drain-delay-s",
+        type=float,
+        help="on SIGTERM: seconds of NOT_SERVING while still answering, before refusing new "
+        "calls (default 5)",
+    )
+    p.add_argument(
+        "--so-reuseport",
+        action="store_const",
+        const=True,
+        help="let other processes bind the same port (off: a taken port is an error)",
+    )
     p.add_argument("--log-level", default="INFO")
     _add_shared_service_flags(p)
     return p
@@ -136,6 +170,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_score_forwards": args.max_score_forwards,
         "generation_window": args.generation_window,
         "fatal_exit_s": args.fatal_exit_s,
+        "max_length": args.max_length,
+        "threads": args.threads,
+        "embed_window": args.embed_window,
+        "stream_idle_timeout_s": args.stream_idle_timeout_s,
+        "drain_delay_s": args.drain_delay_s,
+        "so_reuseport": args.so_reuseport,
     }
     if isinstance(args.max_connection_age_s, float):
         overrides["max_connection_age_s"] = args.max_connection_age_s
@@ -178,8 +218,12 @@ async def serve(config: ServerConfig) -> int:
         await asyncio.wait_for(server.stop(0.0), timeout=10.0)
         return 1
     failed.cancel()
-    log.info("shutting down: calls in flight get %.1f s", config.grace_s)
-    await server.stop(config.grace_s)
+    log.info(
+        "shutting down: NOT_SERVING for %.1f s, then calls in flight get %.1f s",
+        config.drain_delay_s,
+        config.grace_s,
+    )
+    await server.stop(config.grace_s, drain_delay_s=config.drain_delay_s)
     return 0
 
 

@@ -69,6 +69,13 @@ class ServerConfig:
     min_client_ping_interval_s: float = 10.0  # clients pinging faster get GOAWAY too_many_pings
     forward_timeout_s: float | None = 600.0  # a forward running longer is fatal (None: no limit)
     fatal_exit_s: float = 3.0  # after a fatal engine fault, `esmc serve` exits 1 this much later
+    # --- service-layer settings (limits, streams, shutdown, threads) ---
+    max_length: int = 16384  # residues per protein (BOS/EOS not counted), as the hosted API
+    threads: int | None = None  # torch intra-op threads of the served model (None: torch's)
+    embed_window: int = 64  # requests of one Embed stream computed but not yet written
+    stream_idle_timeout_s: float = 60.0  # a stream write blocked this long cancels the call
+    drain_delay_s: float = 5.0  # SIGTERM: NOT_SERVING but still answering for this long
+    so_reuseport: bool = False  # allow another process to bind the same port
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"port {self.port} is out of range")
@@ -108,10 +115,26 @@ class ServerConfig:
             "forward_timeout_s must be > 0 (or off)",
         )
         _check(self.fatal_exit_s >= 0, "fatal_exit_s must be >= 0")
+        _check(self.max_length >= 1, "max_length must be >= 1 residue")
+        _check(self.threads is None or self.threads >= 1, "threads must be >= 1")
+        _check(self.embed_window >= 1, "embed_window must be >= 1")
+        _check(
+            math.isfinite(self.stream_idle_timeout_s) and self.stream_idle_timeout_s > 0,
+            "stream_idle_timeout_s must be > 0",
+        )
+        _check(
+            math.isfinite(self.drain_delay_s) and self.drain_delay_s >= 0,
+            "drain_delay_s must be >= 0",
+        )
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens per protein the server accepts, BOS and EOS included."""
+        return self.max_length + 2
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> ServerConfig:
@@ -146,6 +169,10 @@ def _parse_optional_port(text: str) -> int | None:
     return None if text.strip().lower() in ("", "none", "off") else int(text)
 
 
+def _parse_optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "auto") else int(text)
+
+
 def _parse_optional_str(text: str) -> str | None:
     return None if text.strip().lower() in ("", "none", "auto") else text.strip()
 
@@ -169,6 +196,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "grace_s": float,
     "warmup": _parse_bool,
     "max_score_forwards": int,
+    "max_length": int,
+    "threads": _parse_optional_int,
+    "embed_window": int,
+    "stream_idle_timeout_s": float,
+    "drain_delay_s": float,
+    "so_reuseport": _parse_bool,
     "max_batch_tokens": int,
     "max_batch_size": int,
     "max_wait_ms": float,

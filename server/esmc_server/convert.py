@@ -1,13 +1,19 @@
 """Protobuf <-> esmc types and torch tensors; the one module that reads or builds wire messages.
 
-Readers validate what they read and raise :class:`InvalidRequest` with a message that names
-the field and the problem; builders take plain esmc outputs and the engine's ``Timing``.
+Readers parse the wire: sizes first (in O(1) from the wire where it allows, before anything is
+read element by element), then the library's own validators (``esmc.tokenizer``,
+``esmc.sampling``, ``esmc.inference``) turned into :class:`InvalidRequest` naming the field.
+Nothing is validated here that the library validates. Builders take plain esmc outputs and the
+engine's ``Timing``; they run off the event loop (the servicer's response pool).
+:func:`response_bytes` tells the size of a response before the request is queued.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -18,8 +24,6 @@ from esmc.generation import GenerationStep
 from esmc.inference import hidden_layer_indices
 from esmc.types import (
     ForwardAndSampleOutput,
-    SCHEDULES,
-    STRATEGIES,
     TRACKS,
     GenerationConfig,
     LogitsConfig,
@@ -40,7 +44,11 @@ WIRE_DTYPES: dict[int, tuple[torch.dtype, str]] = {
 }
 FLOAT_OUTPUTS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
 OTHER_TRACKS = tuple(t for t in TRACKS if t != "sequence")
-DEFAULT_NUM_STEPS = 20
+MAX_ID_CHARS = 1024
+"""Longest Embed ``id`` accepted (characters)."""
+MAX_INVALID_IDS = tokenizer.EMBED_ROWS
+"""Longest ``invalid_ids`` list: there are only 64 ids to exclude."""
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 @contextlib.contextmanager
@@ -56,12 +64,21 @@ def invalid_request(field: str) -> Iterator[None]:
 
 
 def tensor_to_proto(tensor: torch.Tensor, dtype: int = pb.DTYPE_FLOAT32) -> pb.Tensor:
-    """Raw little-endian bytes of ``tensor`` cast to ``dtype`` (bf16 rounds to nearest even)."""
+    """Raw little-endian bytes of ``tensor`` cast to ``dtype`` (bf16 rounds to nearest even).
+
+    A contiguous CPU tensor already in ``dtype`` (what the engine hands over when it cast on
+    the device) is copied once, into the bytes; anything else is cast first.
+    """
     torch_dtype, wire = WIRE_DTYPES[dtype]
-    t = tensor.detach().to("cpu", torch_dtype).contiguous()
-    array = t.view(torch.int16).numpy().view(np.uint16) if dtype == pb.DTYPE_BFLOAT16 else t.numpy()
-    data = array.astype(wire, copy=False).tobytes()
-    return pb.Tensor(dtype=dtype, shape=list(t.shape), data=data)
+    t = tensor.detach()
+    if t.device.type != "cpu" or t.dtype != torch_dtype:
+        t = t.to("cpu", torch_dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    array = t.view(torch.int16).numpy() if dtype == pb.DTYPE_BFLOAT16 else t.numpy()
+    if not _LITTLE_ENDIAN:
+        array = array.astype(wire)
+    return pb.Tensor(dtype=dtype, shape=list(t.shape), data=array.tobytes())
 
 
 def tensor_from_proto(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
@@ -106,7 +123,10 @@ def output_dtype(value: int, field: str = "output_dtype") -> int:
 
 
 def tokens_from_request(request, max_length: int) -> torch.Tensor:
-    """``<cls> ids... <eos>`` (int64) from a request's ``protein`` or ``tokens`` oneof."""
+    """``<cls> ids... <eos>`` (int64) from a request's ``protein`` or ``tokens`` oneof.
+
+    ``max_length`` counts tokens, BOS and EOS included; it is checked before the input is read.
+    """
     which = request.WhichOneof("input")
     if which == "protein":
         return tokens_from_protein(request.protein, max_length)
@@ -133,10 +153,12 @@ def tokens_from_tensor(tokens: pb.ESMProteinTensor, max_length: int | None) -> t
         extra.append("function")
     if extra:
         raise InvalidRequest(f"tokens: ESMC models only the sequence track; got {', '.join(extra)}")
-    ids = list(tokens.sequence)
     with invalid_request("tokens.sequence"):
-        tokenizer.validate_ids(ids, max_length=max_length)
-    return torch.tensor(ids, dtype=torch.long)
+        if max_length is not None:
+            tokenizer.check_token_count(len(tokens.sequence), max_length)
+        ids = torch.tensor(np.asarray(tokens.sequence, dtype=np.int64))
+        tokenizer.validate_ids(ids)
+    return ids
 
 
 def protein_to_proto(tokens: torch.Tensor | Sequence[int]) -> pb.ESMProtein:
@@ -214,6 +236,14 @@ def embed_config_from_proto(request: pb.EmbedRequest, n_layers: int) -> LogitsCo
     return config
 
 
+def embed_response(
+    id_: str, output: LogitsOutput, config: LogitsConfig, dtype: int, metadata: pb.ResponseMetadata
+) -> pb.EmbedResponse:
+    return pb.EmbedResponse(
+        id=id_, embedding=tensor_to_proto(embedding_of(output, config), dtype), metadata=metadata
+    )
+
+
 def embedding_of(output: LogitsOutput, config: LogitsConfig) -> torch.Tensor:
     """The one tensor an Embed response carries: (d) pooled or (L+2, d)."""
     if config.return_mean_embedding:
@@ -225,20 +255,120 @@ def embedding_of(output: LogitsOutput, config: LogitsConfig) -> torch.Tensor:
     return output.hidden_states[0]
 
 
+# -- sizes ------------------------------------------------------------------------------------
+
+_MESSAGE_OVERHEAD = 1024
+"""Bytes a response may hold beyond its tensors' data (metadata, tags, shapes): an upper bound."""
+
+
+def _tensor_bytes(shape: Sequence[int], itemsize: int) -> int:
+    """Wire size of a Tensor: its data plus tags, lengths, dtype and shape (upper bound)."""
+    return math.prod(shape) * itemsize + 16 + 11 * len(shape)
+
+
+def _itemsize(dtype: int) -> int:
+    return np.dtype(WIRE_DTYPES[dtype][1]).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What the size of a response depends on besides the request."""
+
+    d_model: int
+    logits_width: int
+
+
+def logits_response_bytes(
+    config: LogitsConfig, layers: Sequence[int], tokens: int, shapes: Shapes, dtype: int
+) -> int:
+    """The size of the LogitsResponse (or Embed response) for ``tokens`` tokens: an upper bound."""
+    item, d = _itemsize(dtype), shapes.d_model
+    size = _MESSAGE_OVERHEAD + 6 * len(layers)
+    if config.sequence:
+        size += _tensor_bytes((tokens, shapes.logits_width), item)
+    if config.return_embeddings:
+        size += _tensor_bytes((tokens, d), item)
+    if config.return_hidden_states:
+        size += _tensor_bytes((len(layers), tokens, d), item)
+    if config.return_mean_embedding:
+        size += _tensor_bytes((d,), item)
+    if config.return_mean_hidden_states:
+        size += _tensor_bytes((len(layers), d), item)
+    return size
+
+
+def sample_response_bytes(config: SamplingConfig, tokens: int, shapes: Shapes, dtype: int) -> int:
+    """The size of a ForwardAndSampleResponse for ``tokens`` tokens: an upper bound."""
+    item, d = _itemsize(dtype), shapes.d_model
+    size = _MESSAGE_OVERHEAD + 3 * tokens  # sampled ids (varints < 128) and the decoded string
+    if config.sequence is not None:
+        size += 4 * _tensor_bytes((tokens,), item)  # entropy, prob, logprob, top_prob
+        k = config.sequence.topk_logprobs
+        if k:
+            size += _tensor_bytes((tokens, k), item) + _tensor_bytes((tokens, k), 8)
+    if config.return_per_residue_embeddings:
+        size += _tensor_bytes((tokens, d), item)
+    if config.return_mean_embedding:
+        size += _tensor_bytes((d,), item)
+    return size
+
+
+def check_response_size(size: int, limit: int, advice: str) -> None:
+    """Refuse, before any work, a request whose response could never be sent."""
+    if size > limit:
+        raise InvalidRequest(
+            f"the response would be {size} bytes ({size / 2**20:.1f} MiB), over this server's "
+            f"message limit of {limit} bytes ({limit / 2**20:.1f} MiB, max_message_bytes); "
+            f"{advice}"
+        )
+
+
+LOGITS_SIZE_ADVICE = (
+    "ask for fewer outputs: one block with config.ith_hidden_layer, a smaller output_dtype "
+    "(DTYPE_FLOAT16 or DTYPE_BFLOAT16), or the Embed call for one layer per protein"
+)
+EMBED_SIZE_ADVICE = (
+    "ask for a smaller output_dtype (DTYPE_FLOAT16 or DTYPE_BFLOAT16) or pooling=POOLING_MEAN"
+)
+SAMPLE_SIZE_ADVICE = (
+    "ask for fewer outputs (topk_logprobs, return_per_residue_embeddings) or a smaller "
+    "output_dtype (DTYPE_FLOAT16 or DTYPE_BFLOAT16)"
+)
+
+
+def embed_id_of(request: pb.EmbedRequest) -> str:
+    """The request's id, its length checked."""
+    if len(request.id) > MAX_ID_CHARS:
+        raise InvalidRequest(
+            f"id: {len(request.id)} characters; the limit is {MAX_ID_CHARS}"
+        )
+    return request.id
+
+
 # -- sampling and generation ----------------------------------------------------------------
 
 
-def sampling_track_from_proto(message: pb.SamplingTrackConfig) -> SamplingTrackConfig:
-    """Unset optional fields take the reference defaults."""
+def _set_fields(message, names: Sequence[str]) -> dict:
+    """The optional fields of ``message`` that are set: unset ones take the library defaults."""
+    return {name: getattr(message, name) for name in names if message.HasField(name)}
+
+
+def invalid_ids_of(message, field: str) -> list[int]:
+    """``invalid_ids``, its length checked from the wire before it is read."""
+    count = len(message.invalid_ids)
+    if count > MAX_INVALID_IDS:
+        raise InvalidRequest(
+            f"{field}: {count} ids; the limit is {MAX_INVALID_IDS} (there are only "
+            f"{tokenizer.EMBED_ROWS} token ids)"
+        )
+    return list(message.invalid_ids)
+
+
+def sampling_track_from_proto(message: pb.SamplingTrackConfig, field: str) -> SamplingTrackConfig:
+    """Unset optional fields take the library's (the reference's) defaults."""
     return SamplingTrackConfig(
-        temperature=message.temperature if message.HasField("temperature") else 1.0,
-        top_p=message.top_p if message.HasField("top_p") else 1.0,
-        only_sample_masked_tokens=(
-            message.only_sample_masked_tokens
-            if message.HasField("only_sample_masked_tokens")
-            else True
-        ),
-        invalid_ids=list(message.invalid_ids),
+        **_set_fields(message, ("temperature", "top_p", "only_sample_masked_tokens")),
+        invalid_ids=invalid_ids_of(message, f"{field}.invalid_ids"),
         topk_logprobs=message.topk_logprobs,
     )
 
@@ -251,15 +381,14 @@ def sampling_config_from_request(request: pb.ForwardAndSampleRequest) -> Samplin
 
 
 def sampling_config_from_proto(message: pb.SamplingConfig) -> SamplingConfig:
-    for track in OTHER_TRACKS:
-        if message.HasField(track):
-            raise InvalidRequest(
-                f"sampling_config.{track}: ESMC has no {track} track; only sequence can be sampled"
-            )
+    """Every track the message sets goes to the library, which refuses those ESMC lacks."""
+    tracks = {
+        track: sampling_track_from_proto(getattr(message, track), f"sampling_config.{track}")
+        for track in TRACKS
+        if message.HasField(track)
+    }
     config = SamplingConfig(
-        sequence=sampling_track_from_proto(message.sequence)
-        if message.HasField("sequence")
-        else None,
+        **tracks,
         return_per_residue_embeddings=message.return_per_residue_embeddings,
         return_mean_embedding=message.return_mean_embedding,
     )
@@ -269,34 +398,17 @@ def sampling_config_from_proto(message: pb.SamplingConfig) -> SamplingConfig:
 
 
 def generation_config_from_proto(message: pb.GenerationConfig) -> GenerationConfig:
-    """Reference defaults for unset fields; checked by the library's own validation."""
-    with invalid_request("config.track"):
-        sampling.check_track(message.track)
-    schedule = message.schedule or "cosine"
-    if schedule not in SCHEDULES:
-        raise InvalidRequest(
-            f"config.schedule: unknown schedule {schedule!r}; use one of {SCHEDULES}"
-        )
-    strategy = message.strategy or "random"
-    if strategy not in STRATEGIES:
-        raise InvalidRequest(
-            f"config.strategy: unknown strategy {strategy!r}; use one of {STRATEGIES}"
-        )
-    config = GenerationConfig(
-        track=message.track,
-        invalid_ids=list(message.invalid_ids),
-        schedule=schedule,
-        strategy=strategy,
-        num_steps=message.num_steps if message.HasField("num_steps") else DEFAULT_NUM_STEPS,
-        temperature=message.temperature if message.HasField("temperature") else 1.0,
-        temperature_annealing=(
-            message.temperature_annealing if message.HasField("temperature_annealing") else True
-        ),
-        top_p=message.top_p if message.HasField("top_p") else 1.0,
+    """Library defaults for unset fields; checked by the library's own validation."""
+    fields = _set_fields(
+        message, ("num_steps", "temperature", "temperature_annealing", "top_p")
     )
+    fields.update({name: getattr(message, name) for name in ("schedule", "strategy") if getattr(message, name)})
     with invalid_request("config"):
-        sampling.validate_generation_config(config)
-    return config
+        return sampling.generation_config(
+            track=message.track,
+            invalid_ids=invalid_ids_of(message, "config.invalid_ids"),
+            **fields,
+        )
 
 
 def forward_and_sample_response(

@@ -1,4 +1,9 @@
-"""Service errors: plain exceptions whose ``code`` names the gRPC status the servicer answers."""
+"""Service errors: plain exceptions whose ``code`` names the gRPC status the servicer answers.
+
+Messages are shown to clients as they are: they name the field, the size and the limit, and
+never carry Python class names, file paths or tokens. ``retry_pushback_ms`` (when set) is sent
+as the ``grpc-retry-pushback-ms`` trailer so that clients back off before they retry.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ class ServiceError(Exception):
     """Base of every error the service answers with; ``code`` is a grpc.StatusCode name."""
 
     code: str = "INTERNAL"
+    retry_pushback_ms: int | None = None
 
 
 class InvalidRequest(ServiceError):
@@ -15,6 +21,7 @@ class InvalidRequest(ServiceError):
 
 class QueueFull(ServiceError):
     code = "RESOURCE_EXHAUSTED"
+    retry_pushback_ms = 200
 
 
 class DeadlineExceeded(ServiceError):
@@ -29,6 +36,7 @@ class Unavailable(ServiceError):
     """Shutting down or not ready."""
 
     code = "UNAVAILABLE"
+    retry_pushback_ms = 1000
 
 
 class SequenceTooLargeForDevice(InvalidRequest):

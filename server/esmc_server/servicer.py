@@ -1,20 +1,30 @@
-"""The ``esmc.v1.ESMC`` gRPC servicer: protobuf in, validated engine calls, protobuf out.
+"""The ``esmc.v1.ESMC`` gRPC servicer: protobuf in, checked engine calls, protobuf out.
 
-Every request is validated (``convert``) before it reaches the engine, so a caller's mistake
-answers ``INVALID_ARGUMENT`` without costing queue space. Errors are plain
-:class:`ServiceError` exceptions below this module; :func:`status_of` is the one place that
-turns them into gRPC status codes.
+Each call is admitted before any work: sizes first (read from the wire), then the library's
+validation of what was parsed (``convert``), then the size of the response it would produce
+against the message limit; a caller's mistake answers ``INVALID_ARGUMENT`` without costing
+queue space. Response messages (tensor bytes) are built off the event loop, in a small thread
+pool. Streams write one message at a time: an Embed stream admits a new request only once an
+earlier response has been written (``embed_window`` outstanding), a Generate stream takes the
+engine's next step only once the previous message has been written, and a write that waits
+longer than ``stream_idle_timeout_s`` for the client to read cancels the call.
+
+Errors are plain :class:`ServiceError` exceptions below this module; :class:`_Outcome` is the
+one place that turns any exception into the status (or Embed item error) the client sees, logs
+it at the right level and counts it in the metrics once the client has seen it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata as importlib_metadata
+from typing import Any
 
 import grpc
 
@@ -24,15 +34,20 @@ from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server import convert
 from esmc_server.config import ServerConfig
-from esmc_server.errors import InvalidRequest, ServiceError, Unavailable
+from esmc_server.errors import Cancelled, InternalError, InvalidRequest
+from esmc_server.errors import ServiceError, Unavailable
 from esmc_server.metrics import Metrics
 from esmc_server.scoring import ScoringMethods
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ESMC"].full_name
-EMBED_WINDOW = 256
-"""Requests of one Embed stream in flight at once; reading pauses (flow control) beyond it."""
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""Trailing metadata telling clients how long to wait before they retry (gRPC's retry key)."""
+RESPONSE_THREADS = 2
+"""Threads that build response messages (tensor bytes) off the event loop."""
+_QUIET_CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT")
+"""Outcomes that are the client's business: logged at DEBUG only."""
 
 
 def status_of(error: ServiceError) -> grpc.StatusCode:
@@ -53,12 +68,69 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def as_service_error(error: BaseException, what: str) -> ServiceError:
+    """What the client is told about ``error``; an unexpected one is logged with a reference."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, asyncio.CancelledError):
+        return Cancelled("the call was cancelled")
+    reference = uuid.uuid4().hex[:12]
+    log.error("%s failed (reference %s)", what, reference, exc_info=error)
+    return InternalError(f"handling this call (log reference {reference})")
+
+
+class _Outcome:
+    """One call, or one item of an Embed stream: its status code, logged and counted once."""
+
+    def __init__(self, metrics: Metrics, method: str):
+        self.metrics = metrics
+        self.method = method
+        self.start = time.perf_counter()
+        self.error: ServiceError | None = None
+        self._recorded = False
+
+    @property
+    def code(self) -> str:
+        return "OK" if self.error is None else self.error.code
+
+    def fail(self, error: BaseException) -> ServiceError:
+        """Remember the first failure (as the client will see it) and return it."""
+        if self.error is None:
+            self.error = as_service_error(error, self.method)
+            level = logging.DEBUG if self.error.code in _QUIET_CODES else logging.WARNING
+            log.log(level, "%s: %s %s", self.method, self.error.code, self.error)
+        return self.error
+
+    def record(self, context=None) -> None:
+        """Count the outcome once; a call that ended OK but whose client had gone counts as
+        what the client saw (its deadline passed or it cancelled)."""
+        if self._recorded:
+            return
+        self._recorded = True
+        code = self.code
+        if code == "OK" and context is not None:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code = "DEADLINE_EXCEEDED"
+            elif context.cancelled():
+                code = "CANCELLED"
+        self.metrics.on_request(self.method, code, time.perf_counter() - self.start)
+
+
+async def _abort(context, error: ServiceError) -> None:
+    metadata = ()
+    if error.retry_pushback_ms is not None:
+        metadata = ((PUSHBACK_KEY, str(error.retry_pushback_ms)),)
+    await context.abort(status_of(error), str(error), trailing_metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Served:
     """What the servicer needs once the model is loaded."""
 
-    engine: object  # esmc_server.engine.Engine
+    engine: Any  # esmc_server.engine.Engine
     model: ESMC
+    shapes: convert.Shapes
 
 
 class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
@@ -68,41 +140,83 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         self._config = config
         self._metrics = metrics or Metrics()
         self._served: _Served | None = None
+        self._pool = ThreadPoolExecutor(RESPONSE_THREADS, thread_name_prefix="esmc-respond")
+        self._draining = False
 
     def attach(self, engine, model: ESMC) -> None:
-        self._served = _Served(engine, model)
+        shapes = convert.Shapes(d_model=model.config.d_model, logits_width=model.config.vocab_rows)
+        self._served = _Served(engine, model, shapes)
 
     def detach(self) -> None:
         self._served = None
+
+    def drain(self) -> None:
+        """Refuse new calls with UNAVAILABLE (and pushback) from now on."""
+        self._draining = True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- plumbing -----------------------------------------------------------------------------
 
     @property
     def _ready(self) -> _Served:
+        if self._draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
         if self._served is None:
             raise Unavailable("the server is not ready: the model is loading or shutting down")
         return self._served
 
-    async def _unary(self, method: str, context, handler: Callable[[], Awaitable]):
-        """Run ``handler``; map its errors to a status; record latency and status."""
-        start = time.perf_counter()
-        code = "OK"
+    @property
+    def _max_tokens(self) -> int:
+        return self._config.max_tokens
+
+    async def _build(self, build: Callable[..., Any], *args) -> Any:
+        """Run a response builder in the response pool (never on the event loop).
+
+        The built message's size is checked against the message limit there too, so that a
+        response is never computed, sent and refused by gRPC (the size estimated before the
+        request was queued is an upper bound; this is the last guard).
+        """
+        limit = self._config.max_message_bytes
+
+        def run():
+            message = build(*args)
+            size = message.ByteSize()
+            if size > limit:
+                raise InvalidRequest(
+                    f"the response is {size} bytes, over this server's message limit of "
+                    f"{limit} bytes (max_message_bytes)"
+                )
+            return message
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+
+    def _check_size(self, size: int, advice: str) -> None:
+        convert.check_response_size(size, self._config.max_message_bytes, advice)
+
+    async def _unary(self, method: str, context, handler: Callable[[], Any]):
+        """Run ``handler``; any error becomes its status (with pushback where it helps)."""
+        outcome = _Outcome(self._metrics, method)
+        context.add_done_callback(lambda _: outcome.record(context))
         try:
             return await handler()
-        except ServiceError as e:
-            code = e.code
-            await context.abort(status_of(e), str(e))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            code = "INTERNAL"
-            log.exception("%s failed", method)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
-            )
-        finally:
-            self._metrics.on_request(method, code, time.perf_counter() - start)
+        except BaseException as e:
+            error = outcome.fail(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            await _abort(context, error)
+
+    async def _write(self, context, message) -> None:
+        """Write one stream message; a client that does not read for the idle timeout is cut."""
+        timeout = self._config.stream_idle_timeout_s
+        try:
+            await asyncio.wait_for(context.write(message), timeout)
+        except TimeoutError:
+            raise Cancelled(
+                f"the client read nothing for {timeout:g} s (stream_idle_timeout_s); "
+                "the stream was cancelled"
+            ) from None
 
     # -- model description ------------------------------------------------------------------
 
@@ -119,7 +233,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             n_heads=shape.n_heads,
             n_layers=shape.n_layers,
             vocabulary=list(tokenizer.VOCABULARY),
-            max_length=shape.max_length,
+            max_length=self._max_tokens,
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
             batching=pb.BatchingLimits(
@@ -132,20 +246,21 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             max_message_bytes=self._config.max_message_bytes,
             server_version=server_version(),
             logits_width=shape.vocab_rows,
+            trained_context=shape.max_length,
         )
 
     # -- tokenizer ------------------------------------------------------------------------------
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         async def handler():
-            tokens = convert.tokens_from_protein(request.protein, max_length=None)
+            tokens = convert.tokens_from_protein(request.protein, self._max_tokens)
             return pb.EncodeResponse(tokens=convert.protein_tensor_to_proto(tokens))
 
         return await self._unary("Encode", context, handler)
 
     async def Decode(self, request: pb.DecodeRequest, context) -> pb.DecodeResponse:
         async def handler():
-            tokens = convert.tokens_from_tensor(request.tokens, max_length=None)
+            tokens = convert.tokens_from_tensor(request.tokens, self._max_tokens)
             return pb.DecodeResponse(protein=convert.protein_to_proto(tokens))
 
         return await self._unary("Decode", context, handler)
@@ -155,149 +270,125 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
     async def Logits(self, request: pb.LogitsRequest, context) -> pb.LogitsResponse:
         async def handler():
             served = self._ready
-            tokens = convert.tokens_from_request(request, served.model.config.max_length)
+            tokens = convert.tokens_from_request(request, self._max_tokens)
             config, layers = convert.logits_config_from_proto(
                 request.config, served.model.config.n_layers
             )
             dtype = convert.output_dtype(request.output_dtype)
+            size = convert.logits_response_bytes(
+                config, layers, len(tokens), served.shapes, dtype
+            )
+            self._check_size(size, convert.LOGITS_SIZE_ADVICE)
             result = await served.engine.logits(
                 tokens, config, deadline=deadline_of(context), dtype=convert.torch_dtype(dtype)
             )
             metadata = convert.metadata_to_proto(result.timing)
-            return convert.logits_response(result.output, layers, dtype, metadata)
+            return await self._build(
+                convert.logits_response, result.output, layers, dtype, metadata
+            )
 
         return await self._unary("Logits", context, handler)
 
     async def ForwardAndSample(self, request: pb.ForwardAndSampleRequest, context):
         async def handler():
             served = self._ready
-            tokens = convert.tokens_from_request(request, served.model.config.max_length)
+            tokens = convert.tokens_from_request(request, self._max_tokens)
             sampling = convert.sampling_config_from_request(request)
             dtype = convert.output_dtype(request.output_dtype)
+            size = convert.sample_response_bytes(sampling, len(tokens), served.shapes, dtype)
+            self._check_size(size, convert.SAMPLE_SIZE_ADVICE)
             output, timing = await served.engine.forward_and_sample(
                 tokens, sampling, convert.seed_of(request), deadline=deadline_of(context)
             )
             metadata = convert.metadata_to_proto(timing)
-            return convert.forward_and_sample_response(output, dtype, metadata)
+            return await self._build(convert.forward_and_sample_response, output, dtype, metadata)
 
         return await self._unary("ForwardAndSample", context, handler)
 
     # -- Embed: bidirectional bulk stream -----------------------------------------------------
 
-    async def Embed(self, request_iterator, context) -> AsyncIterator[pb.EmbedResponse]:
-        """One response per request, in completion order, each with its request's id."""
-        deadline = deadline_of(context)
-        results: asyncio.Queue = asyncio.Queue()
-        window = asyncio.Semaphore(EMBED_WINDOW)
-        reader = asyncio.create_task(self._read_embeds(request_iterator, deadline, results, window))
+    async def Embed(self, request_iterator, context) -> None:
+        """One response per request, in completion order, each with its request's id.
+
+        At most ``embed_window`` requests are computed and not yet written: the next request
+        is read only when a response has been written, so a client that does not read stops
+        being read (gRPC flow control then holds its sends).
+        """
+        stream = _EmbedStream(self, deadline_of(context))
+        reader = asyncio.create_task(stream.read(request_iterator))
         try:
-            while (item := await results.get()) is not None:
+            while (item := await stream.results.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                response, outcome = item
+                try:
+                    await self._write(context, response)
+                except BaseException as e:
+                    outcome.fail(e)
+                    raise
+                finally:
+                    outcome.record()
+                    stream.window.release()
+        except BaseException as e:
+            if not isinstance(e, asyncio.CancelledError):
+                error = as_service_error(e, "Embed")
+                log.log(
+                    logging.DEBUG if error.code in _QUIET_CODES else logging.WARNING,
+                    "Embed stream: %s %s", error.code, error,
+                )
+                await _abort(context, error)
+            raise
         finally:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-
-    async def _read_embeds(
-        self, request_iterator, deadline, results: asyncio.Queue, window
-    ) -> None:
-        """Start one task per request (at most EMBED_WINDOW at once); None when all answered."""
-        tasks: set[asyncio.Task] = set()
-
-        async def answer(request: pb.EmbedRequest) -> None:
-            try:
-                results.put_nowait(await self._embed_one(request, deadline))
-            finally:
-                window.release()
-
-        try:
-            async for request in request_iterator:
-                await window.acquire()
-                task = asyncio.create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
-            results.put_nowait(None)
-        except asyncio.CancelledError:
-            for task in tasks:
-                task.cancel()
-            raise
-        except Exception as e:  # the request stream itself failed
-            results.put_nowait(e)
+            await asyncio.gather(reader, return_exceptions=True)
+            stream.cancel()
 
     async def _embed_one(
-        self, request: pb.EmbedRequest, deadline: float | None
+        self, request: pb.EmbedRequest, deadline: float | None, seen: set[str]
     ) -> pb.EmbedResponse:
-        """This id's embedding, or this id's error: one bad sequence never ends the stream."""
-        start = time.perf_counter()
-        code = "OK"
-        try:
-            served = self._ready
-            tokens = convert.tokens_from_request(request, served.model.config.max_length)
-            config = convert.embed_config_from_proto(request, served.model.config.n_layers)
-            dtype = convert.output_dtype(request.output_dtype)
-            result = await served.engine.logits(
-                tokens, config, deadline=deadline, dtype=convert.torch_dtype(dtype)
+        served = self._ready
+        convert.embed_id_of(request)
+        if request.id in seen:
+            raise InvalidRequest(
+                f"id {request.id!r} was already used in this stream; ids must be unique"
             )
-            return pb.EmbedResponse(
-                id=request.id,
-                embedding=convert.tensor_to_proto(
-                    convert.embedding_of(result.output, config), dtype
-                ),
-                metadata=convert.metadata_to_proto(result.timing),
-            )
-        except ServiceError as e:
-            code = e.code
-            return pb.EmbedResponse(id=request.id, error=pb.Error(code=e.code, message=str(e)))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            code = "INTERNAL"
-            log.exception("Embed item %r failed", request.id)
-            message = f"internal error: {type(e).__name__}: {e}"
-            return pb.EmbedResponse(id=request.id, error=pb.Error(code=code, message=message))
-        finally:
-            self._metrics.on_request("Embed", code, time.perf_counter() - start)
+        seen.add(request.id)
+        tokens = convert.tokens_from_request(request, self._max_tokens)
+        config = convert.embed_config_from_proto(request, served.model.config.n_layers)
+        dtype = convert.output_dtype(request.output_dtype)
+        layers = [0] if config.needs_hidden_states else []
+        size = convert.logits_response_bytes(config, layers, len(tokens), served.shapes, dtype)
+        self._check_size(size + len(request.id.encode()), convert.EMBED_SIZE_ADVICE)
+        result = await served.engine.logits(
+            tokens, config, deadline=deadline, dtype=convert.torch_dtype(dtype)
+        )
+        metadata = convert.metadata_to_proto(result.timing)
+        return await self._build(
+            convert.embed_response, request.id, result.output, config, dtype, metadata
+        )
 
     # -- Generate: server stream ----------------------------------------------------------------
 
-    async def Generate(
-        self, request: pb.GenerateRequest, context
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(self, request: pb.GenerateRequest, context) -> None:
         """One message per step, then a final one with the finished protein.
 
-        The deadline covers the whole stream; a client that cancels or goes away closes the
-        engine's iterator, which drops the generation before its next step.
+        The engine's next event is taken only after the previous message has been written.
+        The deadline covers the whole stream; a client that cancels, goes away or stops
+        reading closes the engine's iterator, which drops the generation before its next step.
         """
-        start = time.perf_counter()
-        code = "OK"
+        outcome = _Outcome(self._metrics, "Generate")
+        context.add_done_callback(lambda _: outcome.record(context))
         try:
-            async for response in self._generate(request, context):
-                yield response
-        except ServiceError as e:
-            code = e.code
-            await context.abort(status_of(e), str(e))
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            code = "INTERNAL"
-            log.exception("Generate failed")
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
-            )
-        finally:
-            self._metrics.on_request("Generate", code, time.perf_counter() - start)
+            await self._generate(request, context)
+        except BaseException as e:
+            error = outcome.fail(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            await _abort(context, error)
 
-    async def _generate(
-        self, request: pb.GenerateRequest, context
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    async def _generate(self, request: pb.GenerateRequest, context) -> None:
         served = self._ready
-        tokens = convert.tokens_from_request(request, served.model.config.max_length)
+        tokens = convert.tokens_from_request(request, self._max_tokens)
         if not bool((tokens[1:-1] == tokenizer.MASK_ID).any()):
             raise InvalidRequest(
                 "protein has no masked position ('_' or <mask>): there is nothing to generate"
@@ -312,15 +403,77 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             async for event in events:
                 if last_sent is None or event.step.step != last_sent.step:
                     totals.add(event.timing)
-                    yield convert.generation_step_response(
-                        event.step, convert.metadata_to_proto(event.timing)
+                    metadata = convert.metadata_to_proto(event.timing)
+                    response = await self._build(
+                        convert.generation_step_response, event.step, metadata
                     )
+                    await self._write(context, response)
                     last_sent = event.step
                 if event.final or event.step.done:
-                    yield convert.generation_final_response(event.step, totals.metadata())
+                    final = await self._build(
+                        convert.generation_final_response, event.step, totals.metadata()
+                    )
+                    await self._write(context, final)
                     return
         finally:
             await events.aclose()
+
+
+class _EmbedStream:
+    """The reading half of one Embed call: a task per admitted request, results queued.
+
+    ``window`` is acquired before a request is read and released by the writer once that
+    request's response has been written.
+    """
+
+    def __init__(self, servicer: ESMCServicer, deadline: float | None):
+        self.servicer = servicer
+        self.deadline = deadline
+        self.results: asyncio.Queue = asyncio.Queue()
+        self.window = asyncio.Semaphore(servicer._config.embed_window)
+        self.seen: set[str] = set()
+        self.tasks: set[asyncio.Task] = set()
+
+    async def read(self, request_iterator) -> None:
+        """Admit requests while the window allows; None once every one has been answered."""
+        try:
+            while True:
+                await self.window.acquire()
+                try:
+                    request = await anext(request_iterator)
+                except StopAsyncIteration:
+                    self.window.release()
+                    break
+                task = asyncio.create_task(self._answer(request))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            if self.tasks:
+                await asyncio.gather(*self.tasks)
+            self.results.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the request stream itself failed
+            self.results.put_nowait(e)
+
+    async def _answer(self, request: pb.EmbedRequest) -> None:
+        """This id's embedding, or this id's error: one bad sequence never ends the stream."""
+        servicer = self.servicer
+        outcome = _Outcome(servicer._metrics, "Embed")
+        try:
+            response = await servicer._embed_one(request, self.deadline, self.seen)
+        except asyncio.CancelledError:
+            outcome.fail(Cancelled("the call was cancelled"))
+            outcome.record()
+            raise
+        except BaseException as e:
+            error = outcome.fail(e)
+            id_ = request.id[: convert.MAX_ID_CHARS]
+            response = pb.EmbedResponse(id=id_, error=pb.Error(code=error.code, message=str(error)))
+        self.results.put_nowait((response, outcome))
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
 
 
 class _StreamTotals:
@@ -346,3 +499,4 @@ class _StreamTotals:
             batch_tokens=self.last.batch_tokens,
             forwards=self.forwards,
         )
+

@@ -126,7 +126,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "d_model", "n_heads", "n_layers", "vocabulary", "max_length", "dtype", "device", "batching", "max_message_bytes", "server_version", "logits_width")
+    __slots__ = ("model_name", "d_model", "n_heads", "n_layers", "vocabulary", "max_length", "dtype", "device", "batching", "max_message_bytes", "server_version", "logits_width", "trained_context")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
     N_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class InfoResponse(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOGITS_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     d_model: int
     n_heads: int
@@ -151,7 +152,8 @@ class InfoResponse(_message.Message):
     max_message_bytes: int
     server_version: str
     logits_width: int
-    def __init__(self, model_name: _Optional[str] = ..., d_model: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_layers: _Optional[int] = ..., vocabulary: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., logits_width: _Optional[int] = ...) -> None: ...
+    trained_context: int
+    def __init__(self, model_name: _Optional[str] = ..., d_model: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_layers: _Optional[int] = ..., vocabulary: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., logits_width: _Optional[int] = ..., trained_context: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("protein",)
