@@ -102,8 +102,9 @@ class _Outcome:
         return self.error
 
     def record(self, context=None) -> None:
-        """Count the outcome once; a call that ended OK but whose client had gone counts as
-        what the client saw (its deadline passed or it cancelled)."""
+        """Count the outcome once, as the client sees it: a call that ended OK after its
+        client had gone counts as that (deadline passed, or cancelled). Sizes are checked
+        before a response is handed to gRPC, so an OK counted here is one gRPC can send."""
         if self._recorded:
             return
         self._recorded = True
@@ -198,7 +199,6 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
     async def _unary(self, method: str, context, handler: Callable[[], Any]):
         """Run ``handler``; any error becomes its status (with pushback where it helps)."""
         outcome = _Outcome(self._metrics, method)
-        context.add_done_callback(lambda _: outcome.record(context))
         try:
             return await handler()
         except BaseException as e:
@@ -206,6 +206,8 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             if isinstance(e, asyncio.CancelledError):
                 raise
             await _abort(context, error)
+        finally:
+            outcome.record(context)
 
     async def _write(self, context, message) -> None:
         """Write one stream message; a client that does not read for the idle timeout is cut."""
@@ -377,7 +379,6 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         reading closes the engine's iterator, which drops the generation before its next step.
         """
         outcome = _Outcome(self._metrics, "Generate")
-        context.add_done_callback(lambda _: outcome.record(context))
         try:
             await self._generate(request, context)
         except BaseException as e:
@@ -385,6 +386,8 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             if isinstance(e, asyncio.CancelledError):
                 raise
             await _abort(context, error)
+        finally:
+            outcome.record(context)
 
     async def _generate(self, request: pb.GenerateRequest, context) -> None:
         served = self._ready
