@@ -46,8 +46,6 @@ PUSHBACK_KEY = "grpc-retry-pushback-ms"
 """Trailing metadata telling clients how long to wait before they retry (gRPC's retry key)."""
 RESPONSE_THREADS = 2
 """Threads that build response messages (tensor bytes) off the event loop."""
-_QUIET_CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT")
-"""Outcomes that are the client's business: logged at DEBUG only."""
 
 
 def status_of(error: ServiceError) -> grpc.StatusCode:
@@ -96,9 +94,8 @@ class _Outcome:
     def fail(self, error: BaseException) -> ServiceError:
         """Remember the first failure (as the client will see it) and return it."""
         if self.error is None:
-            self.error = as_service_error(error, self.method)
-            level = logging.DEBUG if self.error.code in _QUIET_CODES else logging.WARNING
-            log.log(level, "%s: %s %s", self.method, self.error.code, self.error)
+            self.error = as_service_error(error, self.method)  # logs unexpected ones (ERROR)
+            log.debug("%s: %s %s", self.method, self.error.code, self.error)
         return self.error
 
     def record(self, context=None) -> None:
@@ -334,10 +331,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         except BaseException as e:
             if not isinstance(e, asyncio.CancelledError):
                 error = as_service_error(e, "Embed")
-                log.log(
-                    logging.DEBUG if error.code in _QUIET_CODES else logging.WARNING,
-                    "Embed stream: %s %s", error.code, error,
-                )
+                log.debug("Embed stream: %s %s", error.code, error)
                 await _abort(context, error)
             raise
         finally:

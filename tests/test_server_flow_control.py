@@ -1,0 +1,164 @@
+"""Bounded memory whatever the client does: unread streams stop being computed, idle ones end.
+
+A real server on port 0 with a tiny random model. An Embed stream that sends 5,000 proteins
+with ``POOLING_NONE`` and never reads gets only about ``embed_window`` of them computed (plus
+what gRPC's transport buffers hold) and is cancelled after the idle timeout; twenty Generate
+streams that are never read keep the process RSS within the stated margin; a fresh ``Logits``
+call keeps its latency meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import grpc
+import numpy as np
+import pytest
+from helpers_server import protein_request, random_sequence, running_server, server_config
+from helpers_server import tiny_model
+
+from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
+
+WINDOW = 16
+IDLE_S = 6.0
+EMBED_REQUESTS = 5000
+RESIDUES = 300
+STEPS = 40
+RSS_MARGIN_MB = 150
+"""Allowed RSS growth while the unread streams are parked; computing all 5,000 unread Embed
+responses alone would hold 5,000 x 302 x 64 x 4 bytes = 387 MB."""
+
+
+def rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def settle(read, at_least: int, quiet_s: float = 2.0, timeout: float = 60.0) -> int:
+    """Wait until ``read()`` reached ``at_least`` and then stopped changing for ``quiet_s``."""
+    end = time.monotonic() + timeout
+    value, since = read(), time.monotonic()
+    while time.monotonic() < end:
+        await asyncio.sleep(0.1)
+        now = read()
+        if now != value or now < at_least:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return value
+    raise AssertionError(f"never settled: {value}")
+
+
+async def logits_latency(running) -> float:
+    started = time.perf_counter()
+    response = await running.stub.Logits(protein_request("MKTAYIAKQR", sequence=True), timeout=30)
+    assert tuple(response.logits.sequence.shape) == (12, 64)
+    return time.perf_counter() - started
+
+
+async def test_unread_embed_stream_is_bounded_then_cancelled_when_idle():
+    model = tiny_model(d_model=64, n_heads=2, n_layers=2, seed=4)
+    settings = dict(embed_window=WINDOW, stream_idle_timeout_s=IDLE_S)
+    async with running_server(model, server_config(max_wait_ms=2, settings=settings)) as srv:
+        rng = np.random.default_rng(11)
+        sequences = [random_sequence(rng, RESIDUES) for _ in range(64)]
+        for _ in range(3):  # warm the allocator and the channel
+            await logits_latency(srv)
+        baseline_rss = rss_mb()
+        before = srv.engine.stats.sequences
+
+        async def embed_requests():
+            for i in range(EMBED_REQUESTS):
+                yield pb.EmbedRequest(
+                    id=f"p{i}",
+                    protein=pb.ESMProtein(sequence=sequences[i % 64]),
+                    pooling=pb.POOLING_NONE,
+                )
+
+        embed = srv.stub.Embed(embed_requests())  # never read
+        computed = await settle(lambda: srv.engine.stats.sequences, before + WINDOW) - before
+        parked_rss = rss_mb()
+        latency = max([await logits_latency(srv) for _ in range(5)])
+        print(
+            f"\nunread Embed: {computed} of {EMBED_REQUESTS} computed, RSS {baseline_rss:.0f} -> "
+            f"{parked_rss:.0f} MB, fresh Logits {latency * 1000:.0f} ms"
+        )
+        # the window plus what gRPC's transport buffers hold (about 4 MB: ~50 responses)
+        assert WINDOW <= computed <= WINDOW + 100
+        assert parked_rss - baseline_rss < RSS_MARGIN_MB
+        assert latency < 2.0  # generous: not a speed test, the queue is simply not full
+        # nobody reads for IDLE_S: the server cancels the stream (counted as CANCELLED)
+        key = ("esmc_requests_total", (("code", "CANCELLED"), ("method", "Embed")))
+        await settle(lambda: srv.scrape().get(key, 0) >= 1, 1, quiet_s=0.1, timeout=IDLE_S + 30)
+        assert srv.engine.stats.sequences - before == computed + 5  # + the Logits probes
+        received = 0  # what the transport held is still delivered, then the status
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in embed:
+                received += 1
+        assert error.value.code() == grpc.StatusCode.CANCELLED
+        assert f"read nothing for {IDLE_S:g} s (stream_idle_timeout_s)" in error.value.details()
+        assert received < computed
+        await srv.assert_serving()
+
+
+async def test_unread_generate_streams_keep_memory_and_latency_bounded():
+    """Twenty Generate streams nobody reads: each step is computed only once the previous
+    message was written, so an unread stream runs ahead only as far as the client's HTTP/2
+    window holds its (small) step messages; memory stays flat and Logits keeps its latency."""
+    model = tiny_model(d_model=64, n_heads=2, n_layers=2, seed=4)
+    settings = dict(stream_idle_timeout_s=IDLE_S)
+    async with running_server(model, server_config(max_wait_ms=2, settings=settings)) as srv:
+        for _ in range(3):
+            await logits_latency(srv)
+        baseline_rss = rss_mb()
+        calls = []
+        for i in range(20):
+            request = pb.GenerateRequest(
+                protein=pb.ESMProtein(sequence="_" * RESIDUES),
+                config=pb.GenerationConfig(num_steps=STEPS),
+                seed=i,
+            )
+            calls.append(srv.stub.Generate(request))  # never read
+        latencies, peak_rss = [], baseline_rss
+        await asyncio.sleep(0.5)
+        while srv.engine.stats.active_generations > 0:  # finished (absorbed) or cancelled (idle)
+            latencies.append(await logits_latency(srv))
+            peak_rss = max(peak_rss, rss_mb())
+            await asyncio.sleep(0.5)
+            assert len(latencies) < 150, "the unread generations never ended"
+        codes = set()
+        for call in calls:  # read them now: what the transport held, then the status
+            try:
+                async for _ in call:
+                    pass
+                codes.add(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as error:
+                codes.add(error.code())
+        latencies.sort()
+        print(
+            f"\nunread Generate: {srv.engine.stats.generation_steps} steps, RSS "
+            f"{baseline_rss:.0f} -> peak {peak_rss:.0f} MB, fresh Logits p50 "
+            f"{latencies[len(latencies) // 2] * 1000:.0f} ms, max "
+            f"{latencies[-1] * 1000:.0f} ms, outcomes {codes}"
+        )
+        assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
+        assert peak_rss - baseline_rss < RSS_MARGIN_MB
+        assert latencies[len(latencies) // 2] < 3.0  # generous, as above
+        await srv.assert_serving()
+
+
+async def test_a_reading_embed_stream_gets_every_response():
+    """The window only delays: 500 requests through a window of 4, all answered in order."""
+    model = tiny_model(d_model=64, n_heads=2, n_layers=2, seed=4)
+    async with running_server(model, server_config(settings=dict(embed_window=4))) as srv:
+
+        async def requests():
+            for i in range(500):
+                yield pb.EmbedRequest(id=str(i), protein=pb.ESMProtein(sequence="MKTAYIAKQR"))
+
+        ids = [r.id async for r in srv.stub.Embed(requests(), timeout=120) if not r.error.code]
+        assert sorted(ids, key=int) == [str(i) for i in range(500)]
