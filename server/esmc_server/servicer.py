@@ -453,7 +453,12 @@ class _EmbedStream:
             self.results.put_nowait(e)
 
     async def _answer(self, request: pb.EmbedRequest) -> None:
-        """This id's embedding, or this id's error: one bad sequence never ends the stream."""
+        """This id's embedding, or this id's error: one bad sequence never ends the stream.
+
+        ``UNAVAILABLE`` (not ready, shutting down) ends the whole stream instead, with retry
+        pushback, so that clients reconnect (to another replica) rather than spend each id's
+        retries on a server that cannot answer any of them.
+        """
         servicer = self.servicer
         outcome = _Outcome(servicer._metrics, "Embed")
         try:
@@ -462,6 +467,11 @@ class _EmbedStream:
             outcome.fail(Cancelled("the call was cancelled"))
             outcome.record()
             raise
+        except Unavailable as e:  # loading or shutting down: the whole stream, not this id
+            outcome.fail(e)
+            outcome.record()
+            self.results.put_nowait(e)
+            return
         except BaseException as e:
             error = outcome.fail(e)
             id_ = request.id[: convert.MAX_ID_CHARS]
