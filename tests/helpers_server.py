@@ -6,9 +6,12 @@ over real channels and decode the wire tensors with numpy.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import re
 import socket
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -147,3 +150,15 @@ def protein_request(protein_sequence: str, /, **config) -> pb.LogitsRequest:
     return pb.LogitsRequest(
         protein=pb.ESMProtein(sequence=protein_sequence), config=pb.LogitsConfig(**config)
     )
+
+
+async def serving_port(log_path, process, timeout: float = 120.0) -> int:
+    """The port an ``esmc serve`` subprocess logs once it serves (its log file is read)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", log_path.read_text())
+        if match:
+            return int(match.group(1))
+        assert process.returncode is None, log_path.read_text()
+        await asyncio.sleep(0.1)
+    raise AssertionError("the server did not start:\n" + log_path.read_text())

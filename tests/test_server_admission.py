@@ -31,6 +31,7 @@ from helpers_server import (
     random_sequence,
     running_server,
     server_config,
+    serving_port,
     tiny_model,
 )
 
@@ -366,7 +367,7 @@ async def test_sigterm_shows_not_serving_during_the_drain_delay(tmp_path):
             *command, stdout=log, stderr=log, env={**os.environ}
         )
     try:
-        port = await _serving_port(log_path, process)
+        port = await serving_port(log_path, process)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options(FOUR_MIB))
         stub = pb_grpc.ESMCStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
@@ -391,16 +392,6 @@ async def test_sigterm_shows_not_serving_during_the_drain_delay(tmp_path):
             await process.wait()
     assert "NOT_SERVING for 2.0 s" in log_path.read_text()
 
-
-async def _serving_port(log_path, process, timeout: float = 120.0) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", log_path.read_text())
-        if match:
-            return int(match.group(1))
-        assert process.returncode is None, log_path.read_text()
-        await asyncio.sleep(0.1)
-    raise AssertionError("the server did not start:\n" + log_path.read_text())
 
 
 # -- threads ------------------------------------------------------------------------------------

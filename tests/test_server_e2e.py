@@ -28,6 +28,7 @@ from helpers_server import (
     random_sequence,
     running_server,
     server_config,
+    serving_port,
     tiny_model,
     to_numpy,
 )
@@ -765,7 +766,7 @@ async def test_sigterm_finishes_calls_in_flight_and_refuses_new_ones(tmp_path):
             *command, stdout=log, stderr=log, env={**os.environ}
         )
     try:
-        port = await _serving_port(log_path, process)
+        port = await serving_port(log_path, process)
         channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{port}", options=channel_options(64 * 1024 * 1024)
         )
@@ -795,13 +796,3 @@ async def test_sigterm_finishes_calls_in_flight_and_refuses_new_ones(tmp_path):
             await process.wait()
     assert "shutting down" in log_path.read_text()
 
-
-async def _serving_port(log_path, process, timeout: float = 120.0) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", log_path.read_text())
-        if match:
-            return int(match.group(1))
-        assert process.returncode is None, log_path.read_text()
-        await asyncio.sleep(0.1)
-    raise AssertionError("the server did not start:\n" + log_path.read_text())
