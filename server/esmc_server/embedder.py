@@ -128,6 +128,6 @@ class LocalEmbedder:
 
 
 def _served_length(config: ServerConfig, model) -> int:
-    """The server's per-protein token limit for this config (the model's trained context
-    when the config has no limit of its own)."""
-    return getattr(config, "max_length", None) or model.config.max_length
+    """The server's per-protein token limit for this config, BOS and EOS included
+    (``max_length`` counts residues)."""
+    return config.max_tokens
