@@ -105,13 +105,17 @@ class LogitsOutput:
     mean_hidden_states: torch.Tensor | None = None
 
 
+DEFAULT_NUM_STEPS = 20
+"""Generation steps when a request does not say (the reference's default); defined here only."""
+
+
 @attrs.define
 class GenerationConfig:
     track: str = ""
     invalid_ids: Sequence[int] = attrs.field(factory=list)
     schedule: str = attrs.field(default="cosine", validator=attrs.validators.in_(SCHEDULES))
     strategy: str = attrs.field(default="random", validator=attrs.validators.in_(STRATEGIES))
-    num_steps: int = 20
+    num_steps: int = DEFAULT_NUM_STEPS
     temperature: float = 1.0
     temperature_annealing: bool = True
     top_p: float = 1.0

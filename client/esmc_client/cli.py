@@ -190,7 +190,7 @@ def add_generate_command(sub, common: argparse.ArgumentParser) -> None:
         "of masked positions when that is smaller: each step fills at least one).",
     )
     gen.add_argument("prompt", help='e.g. "MKT___LL__" (_ or <mask> for masked positions)')
-    gen.add_argument("--steps", type=_positive, default=20,
+    gen.add_argument("--steps", type=_positive, default=GenerationConfig.num_steps,
                      help="number of steps (at most one per masked position)")
     gen.add_argument("--strategy", choices=("random", "entropy"), default="random",
                      help="which masked positions each step fills")

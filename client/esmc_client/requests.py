@@ -124,7 +124,7 @@ def generation_config_message(config: GenerationConfig | Any | None) -> pb.Gener
         invalid_ids=[int(i) for i in getattr(config, "invalid_ids", ())],
         schedule=getattr(config, "schedule", "cosine"),
         strategy=getattr(config, "strategy", "random"),
-        num_steps=int(getattr(config, "num_steps", 20)),
+        num_steps=int(getattr(config, "num_steps", GenerationConfig.num_steps)),
         temperature=float(getattr(config, "temperature", 1.0)),
         temperature_annealing=bool(getattr(config, "temperature_annealing", True)),
         top_p=float(getattr(config, "top_p", 1.0)),

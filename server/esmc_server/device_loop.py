@@ -416,10 +416,16 @@ class DeviceLoop:
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the device thread (a hung one after a fatal fault is not waited for)."""
+        if self._thread is not None:
+            end = None if timeout is None else time.monotonic() + timeout
+            while self._thread.is_alive() and self.fatal is None:  # the watchdog may fire
+                if end is not None and time.monotonic() >= end:
+                    break
+                self._thread.join(0.1)
+            if self.fatal is not None:
+                self._thread.join(0.5)  # a hung device thread is abandoned (a daemon)
         if self._watchdog is not None:
             self._watchdog.stop()
-        if self._thread is not None:
-            self._thread.join(0.5 if self.fatal is not None else timeout)
 
     @property
     def alive(self) -> bool:
