@@ -333,3 +333,28 @@ async def _serving(channel) -> bool:
         return await health_of(channel, "") == SERVING
     except grpc.aio.AioRpcError:
         return False
+
+
+async def test_stopping_during_a_hung_forward_ends_once_the_watchdog_fires(model):
+    """SIGTERM's path (engine.stop) does not wait forever on a hung device thread."""
+    RELEASE.clear()
+    engine = Engine(
+        FaultyModel.like(model, "hang"),
+        server_config(max_wait_ms=0).batching,
+        forward_timeout_s=0.5,
+    )
+    reasons = []
+    engine.add_fatal_listener(reasons.append)
+    await engine.start()
+    try:
+        call = asyncio.ensure_future(engine.logits(encode(POISON), LogitsConfig(sequence=True)))
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        await engine.stop(grace_s=30.0)
+        assert time.monotonic() - start < 3.0
+        with pytest.raises(Exception) as error:
+            await call
+        assert error.value.code == "UNAVAILABLE"
+        assert engine.fatal is not None and reasons == [engine.fatal]
+    finally:
+        RELEASE.set()
