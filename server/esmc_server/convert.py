@@ -23,7 +23,6 @@ from esmc import sampling, tokenizer
 from esmc.generation import GenerationStep
 from esmc.inference import hidden_layer_indices
 from esmc.types import (
-    DEFAULT_NUM_STEPS,
     ForwardAndSampleOutput,
     TRACKS,
     GenerationConfig,
