@@ -93,13 +93,14 @@ class PackedLayout:
         return varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, m, m)  # (T, heads, 64)
 
     def _attend_per_sequence(self, q, k, v) -> torch.Tensor:
+        # SDPA gets (1, heads, L_i, 64): 4-D inputs select the fused CPU flash kernel, 3-D ones
+        # fall back to the unfused math path (3x slower here, most of the non-matmul time)
         bounds = self.bounds
         if len(bounds) == 2:  # one sequence: no copy into an output buffer
-            qi, ki, vi = (t.transpose(0, 1) for t in (q, k, v))
-            return F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1)
+            qi, ki, vi = (t.transpose(0, 1)[None] for t in (q, k, v))
+            return F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
         out = q.new_empty(q.shape)  # (T, heads, 64)
         for a, b in zip(bounds[:-1], bounds[1:]):
-            # (L_i, heads, 64) -> (heads, L_i, 64): plain SDPA within one sequence
-            qi, ki, vi = (t[a:b].transpose(0, 1) for t in (q, k, v))
-            out[a:b] = F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1)
+            qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+            out[a:b] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
         return out

@@ -150,14 +150,14 @@ class Block(nn.Module):
     def finish(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """After attention: out projection, residual, feed-forward, residual.
 
-        Both branches are divided by the residual scale in place (their Linear outputs are
-        fresh tensors that autograd does not keep), which is the reference's ``x + f(x) / s``.
+        ``x + f(x) / s`` as one pass: ``add(x, f(x), alpha=1 / s)``. At inference the second
+        residual adds in place into the first one's fresh sum.
         """
-        x = x + self._scaled(self.attn.out_proj(context.flatten(-2)))
-        return x + self._scaled(self.ffn(x))
-
-    def _scaled(self, branch: torch.Tensor) -> torch.Tensor:
-        return branch if self.scale == 1.0 else branch.div_(self.scale)
+        alpha = 1.0 / self.scale
+        x = torch.add(x, self.attn.out_proj(context.flatten(-2)), alpha=alpha)
+        if torch.is_grad_enabled():
+            return x + self.ffn(x) * alpha
+        return x.add_(self.ffn(x), alpha=alpha)
 
 
 class TransformerStack(nn.Module):

@@ -23,6 +23,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from esmc.model import ESMC
+from esmc.runtime import resolve_dtype
+from esmc.weights import default_device
 from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server.config import ServerConfig
 from esmc_server.metrics import Metrics
@@ -32,7 +34,6 @@ from esmc_server.servicer import SERVICE_NAME, ESMCServicer
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -58,8 +59,13 @@ class PortInUse(OSError):
 def load_model(config: ServerConfig) -> ESMC:
     """The model named by ``config.model`` (registry name, hub id or local path), in eval mode."""
     device = None if config.device == "auto" else torch.device(config.device)
-    dtype = _DTYPES[config.dtype] if config.dtype else None
-    return ESMC.from_pretrained(config.model, device=device, dtype=dtype).eval()
+    dtype = resolve_dtype(config.dtype, device if device is not None else default_device())
+    model = ESMC.from_pretrained(config.model, device=device, dtype=dtype).eval()
+    if config.compile:  # compiled and warmed up for the served layout before SERVING
+        from esmc.compiled import compile_blocks
+
+        compile_blocks(model, warmup=("packed",) if config.batching.packed else ("padded",))
+    return model
 
 
 class Server:

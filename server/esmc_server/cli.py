@@ -38,7 +38,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-wait-ms", type=float, help="wait bound from the oldest waiting request")
     p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--device", help=f"{' | '.join(DEVICES)} | cuda:N")
-    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument(
+        "--dtype", choices=DTYPES,
+        help="default: bfloat16 on CUDA, exact float32 on the CPU; auto: bfloat16 on CUDA and on "
+        "CPUs with native bf16 (AVX-512 BF16, AMX, Arm BF16), else float32",
+    )
     p.add_argument(
         "--padded",
         action="store_const",
@@ -47,6 +51,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     p.add_argument("--max-message-bytes", type=int, help="gRPC message size limit, both directions")
     p.add_argument("--grace-s", type=float, help="seconds calls in flight get to finish on SIGTERM")
+    p.add_argument(
+        "--compile", action="store_const", const=True,
+        help="torch.compile the block stack, compiled and warmed up before serving (ESMC_COMPILE)",
+    )
     p.add_argument("--no-warmup", action="store_const", const=True, help="skip the warm-up forward")
     p.add_argument(
         "--max-score-forwards",
@@ -159,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_message_bytes": args.max_message_bytes,
         "grace_s": args.grace_s,
         "warmup": None if args.no_warmup is None else not args.no_warmup,
+        "compile": args.compile,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,

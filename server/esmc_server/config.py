@@ -15,7 +15,7 @@ from typing import Any
 
 ENV_PREFIX = "ESMC_"
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "auto")  # auto: esmc.runtime.resolve_dtype
 
 
 def _check(ok: bool, message: str) -> None:
@@ -49,11 +49,12 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int | None = 9090  # None: no metrics endpoint
     device: str = "auto"
-    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU; auto: bf16 if native
     batching: BatchingConfig = BatchingConfig()
     max_message_bytes: int = 512 * 1024 * 1024
     grace_s: float = 30.0
     warmup: bool = True
+    compile: bool = False  # torch.compile the block stack (esmc.compiled), warmed up at start
     max_score_forwards: int = 20000  # masked copies one ScoreVariants/PLL request may need
     # --- shared-service settings (security, connections, tracing) ---
     auth_tokens_file: str | None = None  # one token per line; None: no auth
@@ -173,8 +174,9 @@ def _parse_optional_int(text: str) -> int | None:
     return None if text.strip().lower() in ("", "none", "auto") else int(text)
 
 
-def _parse_optional_str(text: str) -> str | None:
-    return None if text.strip().lower() in ("", "none", "auto") else text.strip()
+def _parse_dtype(text: str) -> str | None:
+    """``auto`` stays ``auto`` (bf16 where native); empty or ``none`` means the default."""
+    return None if text.strip().lower() in ("", "none") else text.strip()
 
 
 def _parse_optional_path(text: str) -> str | None:
@@ -191,10 +193,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "port": int,
     "metrics_port": _parse_optional_port,
     "device": str.strip,
-    "dtype": _parse_optional_str,
+    "dtype": _parse_dtype,
     "max_message_bytes": int,
     "grace_s": float,
     "warmup": _parse_bool,
+    "compile": _parse_bool,
     "max_score_forwards": int,
     "max_length": int,
     "threads": _parse_optional_int,
