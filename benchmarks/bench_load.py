@@ -114,10 +114,13 @@ async def server_info(target: str) -> ServerInfo:
 
 
 def run_mode(
-    model: str, mode: str, records: list[tuple[str, str]], args: argparse.Namespace
+    model: str, mode: str, records: list[tuple[str, str]], args: argparse.Namespace,
+    dtype: str | None = None,
 ) -> tuple[dict, ServerInfo, Workload]:
-    """Start a server for ``mode``, send it ``records`` (fitted to its limit), stop it."""
-    with common.serve(model, server_options(mode, args), args.server_threads) as served:
+    """Start a server for ``mode`` (weights in ``dtype``; None: ``--dtype``), send it
+    ``records`` (fitted to its limit), stop it."""
+    options = server_options(mode, args, dtype)
+    with common.serve(model, options, args.server_threads) as served:
         info = asyncio.run(server_info(served.target))
         workload = fit_workload(records, info.max_length - 2, args.long)
         calls, seconds, counters = asyncio.run(
@@ -133,10 +136,11 @@ def fit_workload(records: list[tuple[str, str]], max_residues: int, policy: str)
     return Workload(fitted, changed, len(records))
 
 
-def server_options(mode: str, args: argparse.Namespace) -> list[str]:
+def server_options(mode: str, args: argparse.Namespace, dtype: str | None = None) -> list[str]:
     options = ["--device", args.device]
-    if args.dtype:
-        options += ["--dtype", args.dtype]
+    dtype = dtype or args.dtype
+    if dtype:
+        options += ["--dtype", dtype]
     if args.max_batch_tokens is not None:
         options += ["--max-batch-tokens", str(args.max_batch_tokens)]
     if args.max_wait_ms is not None:
@@ -169,6 +173,7 @@ def result_row(
     forwards = counters["esmc_forwards_total"]
     return {
         "mode": mode,
+        "dtype": info.dtype,
         "description": describe(mode, info),
         "batching": dataclasses.asdict(info.batching),
         "calls": len(calls),
@@ -193,21 +198,22 @@ def result_row(
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    baseline = next((r["proteins_per_s"] for r in rows if r["mode"] == "off"), None)
-    headers = ["batching", "proteins/s", "tokens/s", "p50 ms", "p99 ms",
+    baselines = {r["dtype"]: r["proteins_per_s"] for r in rows if r["mode"] == "off"}
+    headers = ["batching", "weights", "proteins/s", "tokens/s", "p50 ms", "p99 ms",
                "mean batch size (per call)", "forwards", "sequences/forward", "speedup vs off"]
     cells = []
     for r in rows:
+        baseline = baselines.get(r["dtype"])  # the same weights dtype without batching
         speedup = f"{r['proteins_per_s'] / baseline:.1f}x" if baseline else "-"
         cells.append([
-            r["description"], common.format_number(r["proteins_per_s"]),
+            r["description"], r["dtype"], common.format_number(r["proteins_per_s"]),
             common.format_number(round(r["tokens_per_s"])),
             common.format_number(r["latency_ms"]["p50"]),
             common.format_number(r["latency_ms"]["p99"]),
             common.format_number(r["mean_batch_size"]), common.format_number(r["forwards"]),
             common.format_number(r["sequences_per_forward"]), speedup,
         ])
-    return [common.markdown_table(headers, cells, numeric_from=1)]
+    return [common.markdown_table(headers, cells, numeric_from=2)]
 
 
 def header_lines(
@@ -218,7 +224,8 @@ def header_lines(
     return [
         f"# {args.model}: load benchmark, {args.clients} concurrent clients, "
         f"one protein per Logits call ({args.output})",
-        f"server: `esmc serve` subprocess on {info.device} ({info.dtype}), "
+        f"server: `esmc serve` subprocess on {info.device} "
+        f"({', '.join(args.dtypes or [info.dtype])}), "
         f"{common.threads_note(args.server_threads)}; {common.device_description(device)}",
         weights_note,
         f"workload: {Path(args.fasta).name}, {len(workload.records)} proteins, "
@@ -248,8 +255,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="sequences over the model's limit: crop them (default) or skip them",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
+    parser.add_argument(
+        "--dtypes", default=None,
+        help="comma-separated server dtypes (e.g. float32,bfloat16): every mode is run once per "
+        "dtype in the same run, one row each (default: --dtype alone)",
+    )
     args = parser.parse_args(argv)
     args.modes = common.parse_modes(parser, args.modes, MODES)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.dtypes else []
+    unknown = set(args.dtypes) - {"float32", "bfloat16", "float16", "auto"}
+    if unknown:
+        parser.error(f"--dtypes: unknown {sorted(unknown)}")
     if args.clients < 1:
         parser.error("--clients must be >= 1")
     return args
@@ -263,9 +279,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model, weights_note = common.weights_to_serve(
             args.model, args.weights, Path(directory), args.seed
         )
-        for mode in args.modes:
-            row, info, workload = run_mode(model, mode, records, args)
-            rows.append(row)
+        for dtype in args.dtypes or [None]:
+            for mode in args.modes:
+                row, info, workload = run_mode(model, mode, records, args, dtype)
+                rows.append(row)
 
     payload = {
         "benchmark": "load",

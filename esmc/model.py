@@ -126,7 +126,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
-        if torch.is_grad_enabled():
+        if not _eager_inference():
             return F.silu(gate) * up
         # inference: in place, in the first half of the fc1 output (the next Linear reads the
         # strided view directly)
@@ -150,13 +150,17 @@ class Block(nn.Module):
     def finish(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """After attention: out projection, residual, feed-forward, residual.
 
-        ``x + f(x) / s`` as one pass: ``add(x, f(x), alpha=1 / s)``. At inference the second
-        residual adds in place into the first one's fresh sum.
+        Eager inference computes ``x + f(x) / s`` in one pass, ``add(x, f(x), alpha=1 / s)``,
+        the second residual in place into the first one's fresh sum. Under autograd and
+        ``torch.compile`` it is ``x + f(x) * (1 / s)``: inductor (torch 2.13) drops an ``alpha``
+        computed from a module attribute (wrong outputs), and fuses the plain form anyway.
         """
         alpha = 1.0 / self.scale
-        x = torch.add(x, self.attn.out_proj(context.flatten(-2)), alpha=alpha)
-        if torch.is_grad_enabled():
+        attended = self.attn.out_proj(context.flatten(-2))
+        if not _eager_inference():
+            x = x + attended * alpha
             return x + self.ffn(x) * alpha
+        x = torch.add(x, attended, alpha=alpha)
         return x.add_(self.ffn(x), alpha=alpha)
 
 
@@ -310,6 +314,15 @@ class ESMC(nn.Module):
         logits = self.sequence_head(embeddings) if return_logits else None
         hidden_states = torch.stack(hiddens) if hiddens else None
         return ESMCOutput(logits, embeddings, hidden_states)
+
+
+def _eager_inference() -> bool:
+    """No autograd and not being compiled: the in-place steps are safe and save memory traffic.
+
+    Under ``torch.compile`` the functional form is used (inductor fuses it anyway; the in-place
+    SwiGLU on a view of the fc1 output miscompiled: wrong outputs on esmc-tiny's shape).
+    """
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _autocasting(x: torch.Tensor) -> bool:
