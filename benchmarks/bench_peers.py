@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rows.append({
             "way": way,
             "description": DESCRIPTIONS[way].format(
-                batch=args.batch_size, budget=f"{args.max_batch_tokens:,}"),
+                batch=min(args.batch_size, len(tokens)), budget=f"{args.max_batch_tokens:,}"),
             "best_s": best,
             "median_s": median,
             "rounds_s": times[way],
