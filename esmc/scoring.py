@@ -326,7 +326,8 @@ def plan_scores(
 
 def _mutations(variant: Variant) -> tuple[tuple[int, str], ...]:
     """What a variant changes (synonymous substitutions dropped): equal for equal mutants."""
-    return tuple(sorted((s.index, s.mutant) for s in variant.substitutions if s.mutant != s.wild_type))
+    changed = (s for s in variant.substitutions if s.mutant != s.wild_type)
+    return tuple(sorted((s.index, s.mutant) for s in changed))
 
 
 def _check_size(copies: int, limit: int | None, variants: int, method: str) -> None:
@@ -375,14 +376,15 @@ def run_plan(model, plan: ScoringPlan, *, max_batch_tokens: int = DEFAULT_BATCH_
 
     config = LogitsConfig(sequence=True)
     reads: list[torch.Tensor] = []
-    for batch in _batches(plan, max_batch_tokens):
+    for batch in pack_copies(plan, max_batch_tokens):
         tokens = [plan.tokens(k) for k in batch]
         outputs = run_logits(model, tokens, [config] * len(tokens))
         reads.extend(plan.read(k, out.logits.sequence) for k, out in zip(batch, outputs))
     return plan.reduce(reads)
 
 
-def _batches(plan: ScoringPlan, max_batch_tokens: int) -> list[list[int]]:
+def pack_copies(plan: ScoringPlan, max_batch_tokens: int) -> list[list[int]]:
+    """Copy indices in plan order, cut into forwards of at most ``max_batch_tokens`` tokens."""
     batches: list[list[int]] = [[]]
     used = 0
     for k, copy in enumerate(plan.copies):

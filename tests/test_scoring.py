@@ -194,7 +194,9 @@ def test_saturation_map_matches_reference_loop(model, reference, ref_tokenizer, 
     # the table is the single-substitution scores, position-major, wild type skipped
     singles = scoring.all_single_substitutions(wt)
     scores = scoring.score_variants(model, wt, singles, method)
-    off_diagonal = [table[i, j] for i, w in enumerate(wt) for j, a in enumerate(AMINO_ACIDS) if a != w]
+    off_diagonal = [
+        table[i, j] for i, w in enumerate(wt) for j, a in enumerate(AMINO_ACIDS) if a != w
+    ]
     assert torch.allclose(torch.stack(off_diagonal), scores, rtol=0, atol=1e-5)
 
 
@@ -251,7 +253,8 @@ def test_saturation_plan_covers_every_position():
 def test_parse_positions_offset_and_multi():
     wt = "MKTAYIAK"
     v = parse_variant("K2P:A4D", wt)
-    assert [(s.wild_type, s.index, s.mutant) for s in v.substitutions] == [("K", 1, "P"), ("A", 3, "D")]
+    subs = [(s.wild_type, s.index, s.mutant) for s in v.substitutions]
+    assert subs == [("K", 1, "P"), ("A", 3, "D")]
     assert v.apply(wt) == "MPTDYIAK"
     assert parse_variant("K102P", wt, offset=100).substitutions[0].index == 1
     assert parse_variant("M0A", wt, offset=-1).substitutions[0].index == 0

@@ -181,7 +181,8 @@ async def test_invalid_requests_name_the_problem(model, fields, message):
     async with running_server(model, config) as running:
         before = running.engine.stats.sequences
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await running.stub.ScoreVariants(score_request(wild_type=wild_type, **fields), timeout=30)
+            request = score_request(wild_type=wild_type, **fields)
+            await running.stub.ScoreVariants(request, timeout=30)
         assert running.engine.stats.sequences == before  # rejected before any forward
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.details()

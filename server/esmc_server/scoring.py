@@ -52,11 +52,14 @@ LIMIT_HINT = "(server setting --max-score-forwards / ESMC_MAX_SCORE_FORWARDS)"
 
 def _choice(table: dict, value: int, field: str, enum) -> str:
     if value not in table:
-        raise InvalidRequest(f"{field}: unknown value {value}; use one of {', '.join(enum.keys()[1:])}")
+        names = ", ".join(enum.keys()[1:])
+        raise InvalidRequest(f"{field}: unknown value {value}; use one of {names}")
     return table[value]
 
 
-def score_plan(request: pb.ScoreVariantsRequest, max_length: int, limit: int) -> scoring.ScoringPlan:
+def score_plan(
+    request: pb.ScoreVariantsRequest, max_length: int, limit: int
+) -> scoring.ScoringPlan:
     """The request's plan, or InvalidRequest naming the variant, option or limit at fault."""
     convert.tokens_from_protein(request.wild_type, max_length)  # tracks, characters, length
     method = _choice(METHODS, request.method, "method", pb.ScoringMethod)
