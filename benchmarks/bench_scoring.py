@@ -70,12 +70,15 @@ def run_in_process(mode: str, model: ESMC, sequences: list[str], batch_tokens: i
     return time.perf_counter() - start, maps, forwards
 
 
-async def run_served(target: str, sequences: list[str], concurrency: int) -> tuple:
+async def run_served(target: str, sequences: list[str], concurrency: int, metrics_url: str):
+    """Timed maps over one client; the server's counters are read after an untimed call that
+    opens the connection, so they count the timed maps only."""
     from esmc_client import AsyncESMCClient
 
     gate = asyncio.Semaphore(concurrency)
     async with AsyncESMCClient(target) as client:
         await client.saturation_map(sequences[0][:8])  # connection opens, untimed
+        before = common.scrape_metrics(metrics_url)
 
         async def one(s: str) -> np.ndarray:
             async with gate:
@@ -83,7 +86,7 @@ async def run_served(target: str, sequences: list[str], concurrency: int) -> tup
 
         start = time.perf_counter()
         maps = await asyncio.gather(*(one(s) for s in sequences))
-        return time.perf_counter() - start, list(maps)
+        return time.perf_counter() - start, list(maps), before
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -117,7 +120,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             args.model, args.weights, Path(directory), args.seed
         )
         model = ESMC.from_pretrained(weights).eval()
-        options = ["--no-warmup", "--max-batch-tokens", str(batch_tokens), "--device", "cpu"]
+        # One map is one unary call; on a CPU with a big model it can outlast the server's
+        # default connection age + grace (300 + 60 s), after which the call would be cut and
+        # retried: give calls in flight at GOAWAY an hour.
+        options = ["--no-warmup", "--max-batch-tokens", str(batch_tokens), "--device", "cpu",
+                   "--max-connection-age-grace-s", "3600"]
         with common.serve(weights, options, threads=args.threads) as served:
             reference_maps = None
             order = list(args.modes)
@@ -126,14 +133,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 rng.shuffle(order)
                 for mode in order:
                     if mode == "served":
-                        before = common.scrape_metrics(served.metrics_url)
-                        seconds, maps = asyncio.run(
-                            run_served(served.target, sequences, args.concurrency)
-                        )
+                        seconds, maps, before = asyncio.run(run_served(
+                            served.target, sequences, args.concurrency, served.metrics_url
+                        ))
                         after = common.scrape_metrics(served.metrics_url)
-                        forwards = common.counter_deltas(
-                            before, after, ["esmc_forwards_total"]
-                        )["esmc_forwards_total"]
+                        counts = common.counter_deltas(
+                            before, after, ["esmc_forwards_total", "esmc_sequences_total"]
+                        )
+                        forwards = counts["esmc_forwards_total"]
+                        # a retried call would compute its copies twice: show it
+                        print(f"  server computed {counts['esmc_sequences_total']} copies",
+                              flush=True)
                     else:
                         seconds, maps, forwards = run_in_process(
                             mode, model, sequences, batch_tokens
