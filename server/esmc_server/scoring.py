@@ -9,7 +9,7 @@ queue), so one big request cannot fill the queue. Each copy's logits are reduced
 the few log-probability rows the scores need; the final reduce runs off the event loop.
 
 :class:`ScoringMethods` is mixed into the servicer (it uses the servicer's ``_ready``,
-``_unary``, ``_config`` and ``_metrics``).
+``_unary``, ``_max_tokens``, ``_config`` and ``_metrics``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -28,7 +27,6 @@ from esmc_server import convert
 from esmc_server.config import BatchingConfig
 from esmc_server.errors import InvalidRequest, ServiceError
 
-log = logging.getLogger(__name__)
 
 SEQUENCE_LOGITS = LogitsConfig(sequence=True)
 PLL_STREAM_WINDOW = 4
@@ -221,9 +219,7 @@ class ScoringMethods:
     async def ScoreVariants(self, request: pb.ScoreVariantsRequest, context):
         async def handler():
             ready = self._ready
-            plan = score_plan(
-                request, ready.model.config.max_length, self._config.max_score_forwards
-            )
+            plan = score_plan(request, self._max_tokens, self._config.max_score_forwards)
             result, served = await _run(
                 ready.engine, plan, self._config.batching, _deadline(context)
             )
@@ -239,7 +235,7 @@ class ScoringMethods:
 
     async def _pll_one(self, request, deadline) -> pb.PseudoLogLikelihoodResponse:
         ready = self._ready
-        plan = pll_plan(request, ready.model.config.max_length, self._config.max_score_forwards)
+        plan = pll_plan(request, self._max_tokens, self._config.max_score_forwards)
         result, served = await _run(ready.engine, plan, self._config.batching, deadline)
         return pll_response(request.id, plan, result, served)
 
@@ -301,11 +297,12 @@ class ScoringMethods:
             code = "CANCELLED"
             raise
         except Exception as e:
-            code = "INTERNAL"
-            log.exception("PseudoLogLikelihoodStream item %r failed", request.id)
-            message = f"internal error: {type(e).__name__}: {e}"
+            from esmc_server.servicer import as_service_error  # logs it with a reference
+
+            error = as_service_error(e, "PseudoLogLikelihoodStream")
+            code = error.code
             return pb.PseudoLogLikelihoodResponse(
-                id=request.id, error=pb.Error(code=code, message=message)
+                id=request.id, error=pb.Error(code=code, message=str(error))
             )
         finally:
             self._metrics.on_request("PseudoLogLikelihoodStream", code, time.perf_counter() - start)
