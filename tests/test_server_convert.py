@@ -365,3 +365,30 @@ def test_response_size_is_an_upper_bound_of_the_built_message():
         assert built.ByteSize() <= estimate <= built.ByteSize() + 1200
     with pytest.raises(InvalidRequest, match="the response would be 5000 bytes"):
         convert.check_response_size(5000, 4000, "ask for less")
+
+
+@pytest.mark.parametrize("dtype", [pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16])
+def test_serialized_responses_parse_as_the_protobuf_built_ones(dtype):
+    from esmc.types import ForwardTrackData, LogitsConfig, LogitsOutput
+
+    g = torch.Generator().manual_seed(0)
+    output = LogitsOutput(
+        logits=ForwardTrackData(sequence=torch.randn(300, 64, generator=g)),
+        embeddings=torch.randn(300, 32, generator=g),
+        hidden_states=torch.randn(3, 300, 32, generator=g)[:, :, :],
+        mean_embedding=torch.randn(32, generator=g),
+        mean_hidden_states=torch.randn(3, 32, generator=g).t().contiguous().t(),  # strided
+    )
+    metadata = pb.ResponseMetadata(queue_ms=1.5, compute_ms=2.0, batch_size=3, forwards=1)
+    fast = convert.logits_response_serialized(output, [0, 1, 2], dtype, metadata)
+    assert pb.LogitsResponse.FromString(fast) == convert.logits_response(
+        output, [0, 1, 2], dtype, metadata
+    )
+    config = LogitsConfig(return_embeddings=True)
+    fast = convert.embed_response_serialized("p1", output, config, dtype, metadata)
+    assert pb.EmbedResponse.FromString(fast) == convert.embed_response(
+        "p1", output, config, dtype, metadata
+    )
+    empty = LogitsOutput(logits=ForwardTrackData(sequence=torch.zeros(0, 64)))
+    fast = convert.logits_response_serialized(empty, [], dtype, metadata)
+    assert pb.LogitsResponse.FromString(fast) == convert.logits_response(empty, [], dtype, metadata)

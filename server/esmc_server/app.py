@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from esmc.model import ESMC
 from esmc.runtime import resolve_dtype
 from esmc.weights import default_device
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_server.config import ServerConfig
 from esmc_server.metrics import Metrics
 from esmc_server.security import Security, connection_options
@@ -50,6 +50,36 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         *channel_options(config.max_message_bytes),
         ("grpc.so_reuseport", 1 if config.so_reuseport else 0),
     ]
+
+
+def _serialize(message) -> bytes:
+    """Response serializer: bytes the servicer serialized off the event loop pass through."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_servicer(servicer: ESMCServicer, grpc_server: grpc.aio.Server) -> None:
+    """Register every ``esmc.v1.ESMC`` method as the generated code does, with one change:
+    a handler may return (or write) an already serialized message as ``bytes``, so that large
+    responses are serialized in the servicer's thread pool instead of on the event loop."""
+    service = pb.DESCRIPTOR.services_by_name["ESMC"]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: kinds[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=_serialize,
+        )
+        for method in service.methods
+    }
+    grpc_server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    grpc_server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class PortInUse(OSError):
@@ -169,7 +199,7 @@ async def create_server(
     server = Server(config, grpc_server, health, servicer, metrics)
     server.security = security
     await server.set_serving(False)
-    pb_grpc.add_ESMCServicer_to_server(servicer, grpc_server)
+    add_servicer(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), grpc_server

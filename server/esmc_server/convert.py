@@ -11,6 +11,7 @@ engine's ``Timing``; they run off the event loop (the servicer's response pool).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import math
 import sys
@@ -253,6 +254,101 @@ def embedding_of(output: LogitsOutput, config: LogitsConfig) -> torch.Tensor:
     if config.return_mean_hidden_states:
         return output.mean_hidden_states[0]
     return output.hidden_states[0]
+
+
+# -- serialized responses: tensor bytes copied once, without the GIL -----------------------------
+
+_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1  # where a bytes object's data starts (CPython)
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_bytes.restype = ctypes.py_object
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _wire_tensor(tensor: torch.Tensor, dtype: int) -> torch.Tensor:
+    """``tensor`` as a contiguous CPU tensor whose memory is the wire bytes (little-endian)."""
+    torch_dtype, _ = WIRE_DTYPES[dtype]
+    t = tensor.detach()
+    if t.device.type != "cpu" or t.dtype != torch_dtype:
+        t = t.to("cpu", torch_dtype)
+    return t.contiguous()
+
+
+class SerializedMessage:
+    """A serialized response assembled from its small fields (serialized by protobuf) and its
+    tensors' raw memory, spliced in as length-delimited fields. :meth:`tobytes` copies each
+    tensor once, straight into the final bytes, with ``memmove`` outside the GIL, so building
+    a large response in the response pool does not stall the event loop's thread."""
+
+    def __init__(self, small_fields) -> None:
+        self._parts: list[bytes | torch.Tensor] = [small_fields.SerializeToString()]
+
+    def add_tensor(self, path: Sequence[int], tensor: torch.Tensor, dtype: int) -> None:
+        """Set the Tensor field at ``path`` (field numbers, outermost first)."""
+        if not _LITTLE_ENDIAN:
+            raise NotImplementedError("wire tensors are little-endian")
+        t = _wire_tensor(tensor, dtype)
+        nbytes = t.numel() * t.element_size()
+        head = pb.Tensor(dtype=dtype, shape=list(t.shape)).SerializeToString()
+        head += _varint(3 << 3 | 2) + _varint(nbytes)  # Tensor.data = 3
+        length = len(head) + nbytes
+        for number in reversed(path):
+            key = _varint(number << 3 | 2) + _varint(length)
+            head = key + head
+            length += len(key)
+        self._parts += [head, t]
+
+    def tobytes(self) -> bytes:
+        sizes = [len(p) if isinstance(p, bytes) else p.numel() * p.element_size() for p in self._parts]
+        out = _new_bytes(None, sum(sizes))  # uninitialised, written once below
+        address = id(out) + _BYTES_DATA_OFFSET
+        for part, size in zip(self._parts, sizes):
+            source = part if isinstance(part, bytes) else part.data_ptr()
+            ctypes.memmove(address, source, size)  # a ctypes call: the GIL is released
+            address += size
+        return out
+
+
+def logits_response_serialized(
+    output: LogitsOutput, layers: Sequence[int], dtype: int, metadata: pb.ResponseMetadata
+) -> bytes:
+    """The serialized :func:`logits_response`, each tensor copied once outside the GIL."""
+    hidden = output.hidden_states is not None or output.mean_hidden_states is not None
+    message = SerializedMessage(
+        pb.LogitsResponse(metadata=metadata, hidden_layers=layers if hidden else [])
+    )
+    if output.logits is not None and output.logits.sequence is not None:
+        message.add_tensor((1, 1), output.logits.sequence, dtype)  # logits.sequence
+    for number, name in (
+        (2, "embeddings"),
+        (3, "hidden_states"),
+        (4, "mean_embedding"),
+        (5, "mean_hidden_states"),
+    ):
+        value = getattr(output, name)
+        if value is not None:
+            message.add_tensor((number,), value, dtype)
+    return message.tobytes()
+
+
+def embed_response_serialized(
+    id_: str, output: LogitsOutput, config: LogitsConfig, dtype: int, metadata: pb.ResponseMetadata
+) -> bytes:
+    """The serialized :func:`embed_response`, its tensor copied once outside the GIL."""
+    message = SerializedMessage(pb.EmbedResponse(id=id_, metadata=metadata))
+    message.add_tensor((2,), embedding_of(output, config), dtype)
+    return message.tobytes()
 
 
 # -- sizes ------------------------------------------------------------------------------------

@@ -106,9 +106,9 @@ class _Outcome:
             return
         self._recorded = True
         code = self.code
-        if code == "OK" and context is not None:
+        if code in ("OK", "CANCELLED") and context is not None:
             remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            if remaining is not None and remaining <= 0:  # gRPC cancels a handler at its deadline
                 code = "DEADLINE_EXCEEDED"
             elif context.cancelled():
                 code = "CANCELLED"
@@ -169,24 +169,27 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
     def _max_tokens(self) -> int:
         return self._config.max_tokens
 
-    async def _build(self, build: Callable[..., Any], *args) -> Any:
-        """Run a response builder in the response pool (never on the event loop).
+    async def _build(self, build: Callable[..., Any], *args) -> bytes:
+        """Build and serialize a response in the response pool (never on the event loop);
+        ``build`` returns a message or its serialized bytes.
 
-        The built message's size is checked against the message limit there too, so that a
-        response is never computed, sent and refused by gRPC (the size estimated before the
-        request was queued is an upper bound; this is the last guard).
+        Returns the serialized message (``app.add_servicer`` passes bytes through). Its size
+        is checked against the message limit there too, so that a response is never handed
+        to gRPC and refused (the size estimated before the request was queued is an upper
+        bound; this is the last guard).
         """
         limit = self._config.max_message_bytes
 
-        def run():
-            message = build(*args)
-            size = message.ByteSize()
-            if size > limit:
+        def run() -> bytes:
+            data = build(*args)
+            if not isinstance(data, bytes):
+                data = data.SerializeToString()
+            if len(data) > limit:
                 raise InvalidRequest(
-                    f"the response is {size} bytes, over this server's message limit of "
+                    f"the response is {len(data)} bytes, over this server's message limit of "
                     f"{limit} bytes (max_message_bytes)"
                 )
-            return message
+            return data
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
@@ -283,7 +286,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             )
             metadata = convert.metadata_to_proto(result.timing)
             return await self._build(
-                convert.logits_response, result.output, layers, dtype, metadata
+                convert.logits_response_serialized, result.output, layers, dtype, metadata
             )
 
         return await self._unary("Logits", context, handler)
@@ -341,7 +344,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
 
     async def _embed_one(
         self, request: pb.EmbedRequest, deadline: float | None, seen: set[str]
-    ) -> pb.EmbedResponse:
+    ) -> bytes:
         served = self._ready
         convert.embed_id_of(request)
         if request.id in seen:
@@ -360,7 +363,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         )
         metadata = convert.metadata_to_proto(result.timing)
         return await self._build(
-            convert.embed_response, request.id, result.output, config, dtype, metadata
+            convert.embed_response_serialized, request.id, result.output, config, dtype, metadata
         )
 
     # -- Generate: server stream ----------------------------------------------------------------
