@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ESMC"].full_name
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 """Trailing metadata telling clients how long to wait before they retry (gRPC's retry key)."""
+_DEADLINE_SLACK_S = 0.1
+"""A call cancelled this close to its deadline is counted as DEADLINE_EXCEEDED."""
 RESPONSE_THREADS = 2
 """Threads that build response messages (tensor bytes) off the event loop."""
 
@@ -108,7 +110,9 @@ class _Outcome:
         code = self.code
         if code in ("OK", "CANCELLED") and context is not None:
             remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:  # gRPC cancels a handler at its deadline
+            # the client's deadline fires first (its clock started earlier) and cancels the
+            # call a few milliseconds before the server's copy of the deadline passes
+            if remaining is not None and remaining <= _DEADLINE_SLACK_S:
                 code = "DEADLINE_EXCEEDED"
             elif context.cancelled():
                 code = "CANCELLED"
