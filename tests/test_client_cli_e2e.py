@@ -154,6 +154,25 @@ def test_long_proteins_error_truncate_or_skip(served, tmp_path, capsys):
     assert code == 0 and read_embeddings(out).truncated.tolist() == [False, False, False]
 
 
+def test_proteins_the_server_refuses_as_too_long_get_a_hint(tmp_path, capsys):
+    if "max_length" not in ServerConfig.__dataclass_fields__:
+        pytest.skip("needs the server's --max-length setting")
+    server = ThreadServer(tiny(), ServerConfig(port=0, metrics_port=None, warmup=False,
+                                               max_length=8))
+    try:
+        path = fasta(tmp_path, [("short", "MKTL"), ("long", "MKTLLVVAAG")])
+        code, _, err = run_cli(capsys, "embed", str(path), "-o", str(tmp_path / "o.npz"),
+                               "--target", server.target)
+        assert code == 1 and "failed (1) long: INVALID_ARGUMENT" in err
+        assert ("1 failed proteins are longer than the server's limit of 8 residues: --long "
+                "truncate or --long skip handles them") in err
+        code, _, err = run_cli(capsys, "embed", str(path), "-o", str(tmp_path / "o.npz"),
+                               "--long", "truncate", "--target", server.target)
+        assert code == 0 and read_embeddings(tmp_path / "o.npz").truncated.tolist() == [False, True]
+    finally:
+        server.close()
+
+
 def test_dedupe_keeps_the_first_record(served, tmp_path, capsys):
     path = fasta(tmp_path, [("a", "MKTL"), ("b", "LLV"), ("a", "GGGG")])
     out = tmp_path / "out.npz"

@@ -326,6 +326,14 @@ def test_unavailable_is_ridden_out_for_ride_out_s_then_final():
     assert chunk.next_wait() is None
 
 
+def test_a_stream_ended_with_pushback_is_resent_after_that_wait():
+    (chunk,) = make_chunks([("a", "MK")], 8, RetryPolicy(initial_backoff_s=5.0))
+    chunk.to_send()
+    assert chunk.on_stream_end(ESMCError("UNAVAILABLE", "shutting down", pushback_ms=500)) == []
+    delay, until_ready = chunk.next_wait()
+    assert until_ready and 0.5 <= delay <= 0.6
+
+
 def test_message_size_refusals_are_never_resent():
     (chunk,) = make_chunks([("a", "MK")], 8, RetryPolicy())
     chunk.to_send()

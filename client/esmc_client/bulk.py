@@ -6,7 +6,8 @@ again over a new stream for the sequences still without a final answer:
 - ``UNAVAILABLE`` (the stream broke, the server is restarting or not ready yet, or a sequence
   was answered so): the chunk waits for the channel to reconnect and resends its unanswered
   sequences, for as long as the server makes no progress for less than
-  ``RetryPolicy.ride_out_s`` seconds (30 by default). A server restart is ridden out.
+  ``RetryPolicy.ride_out_s`` seconds (30 by default). A server restart is ridden out. A
+  stream the server ended with a ``grpc-retry-pushback-ms`` trailer is resent after that wait.
 - ``RESOURCE_EXHAUSTED`` (the server's queue is full): the sequence is resent after a backoff,
   at most ``max_retries`` times, each retry paid from the client's :class:`RetryBudget`; the
   chunk halves its in-flight window for the next stream.
@@ -18,6 +19,7 @@ Requests carry the sequence's position as their wire id, so duplicate caller ids
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
@@ -55,6 +57,7 @@ class EmbedChunk:
         self._outage_rounds = 0
         self._busy_rounds = 0
         self._busy = False  # a sequence of the current stream was refused for a full queue
+        self._pushback_ms: int | None = None  # the last broken stream's grpc-retry-pushback-ms
         self.window = max(1, window)  # requests ahead of their answers on the next stream
 
     def to_send(self) -> list[pb.EmbedRequest]:
@@ -83,6 +86,7 @@ class EmbedChunk:
 
     def on_stream_end(self, error: ESMCError | None) -> list[tuple[int, EmbedResult]]:
         """Close one stream; sequences it left unanswered are resent or fail with ``error``."""
+        self._pushback_ms = error.pushback_ms if error is not None else None
         error = error or ESMCError("UNKNOWN", "the stream ended without answering this sequence")
         results = []
         for key, entry in self._sent.items():
@@ -103,7 +107,10 @@ class EmbedChunk:
         if self._outage_since is not None:
             self._outage_rounds += 1
             left = self._retry.ride_out_s - (time.monotonic() - self._outage_since)
-            return max(0.0, min(self._retry.delay(self._outage_rounds), left)), True
+            delay = self._retry.delay(self._outage_rounds)
+            if self._pushback_ms is not None and self._pushback_ms >= 0:  # the server says when
+                delay = self._pushback_ms / 1000 * (1 + 0.2 * random.random())
+            return max(0.0, min(delay, left)), True
         if self._busy:
             self._busy_rounds += 1
             return self._retry.delay(self._busy_rounds), False

@@ -282,6 +282,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     for line in embed_summary(args, len(proteins) + len(skipped) + dropped, good, failed,
                               skipped, dropped, limit):
         print(line, file=sys.stderr)
+    served = info.max_length - 2
+    lengths = {p.id: residue_count(p.sequence) for p in proteins}
+    over = [r.id for r in failed if lengths.get(r.id, 0) > served]
+    if over:
+        print(f"esmc embed: {len(over)} failed proteins are longer than the server's limit of "
+              f"{served} residues: --long truncate or --long skip handles them", file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 

@@ -92,6 +92,14 @@ class _ClientBase:
         """Retry state of one call; ``timeout`` covers all its attempts."""
         return CallRetries(self.retry, self.retry_budget, timeout)
 
+    def _embed_chunks(self, sequences, batch_size: int, max_in_flight: int, **request_options):
+        """``(items, chunks)`` of a bulk embed, sharing this client's retry budget."""
+        items = rq.embed_items(sequences)
+        chunks = make_chunks(
+            items, batch_size, self.retry, self.retry_budget, max_in_flight, **request_options
+        )
+        return items, chunks
+
 
 class ESMCClient(ScoringCalls, _ClientBase):
     """Blocking client.
@@ -292,16 +300,8 @@ class ESMCClient(ScoringCalls, _ClientBase):
         sequences are resent; a sequence refused for a full queue is resent after a backoff,
         within the retry budget (:mod:`esmc_client.bulk`).
         """
-        items = rq.embed_items(sequences)
-        chunks = make_chunks(
-            items,
-            batch_size,
-            self.retry,
-            self.retry_budget,
-            max_in_flight,
-            layer=layer,
-            pool=pool,
-            output_dtype=output_dtype,
+        items, chunks = self._embed_chunks(
+            sequences, batch_size, max_in_flight, layer=layer, pool=pool, output_dtype=output_dtype
         )
         results: list[EmbedResult | None] = [None] * len(items)
         lock = threading.Lock()
@@ -522,16 +522,8 @@ class AsyncESMCClient(AsyncScoringCalls, _ClientBase):
         timeout: float | None = None,
     ) -> list[EmbedResult]:
         """See :meth:`ESMCClient.embed`."""
-        items = rq.embed_items(sequences)
-        chunks = make_chunks(
-            items,
-            batch_size,
-            self.retry,
-            self.retry_budget,
-            max_in_flight,
-            layer=layer,
-            pool=pool,
-            output_dtype=output_dtype,
+        items, chunks = self._embed_chunks(
+            sequences, batch_size, max_in_flight, layer=layer, pool=pool, output_dtype=output_dtype
         )
         results: list[EmbedResult | None] = [None] * len(items)
         gate = asyncio.Semaphore(max(1, concurrency))
