@@ -5,6 +5,7 @@ from esmc.model import ESMC, ESMCOutput
 from esmc.tokenizer import TokenizationError
 from esmc.types import (
     ESMProtein,
+    ESMProteinError,
     ESMProteinTensor,
     ForwardAndSampleOutput,
     ForwardTrackData,
@@ -21,6 +22,7 @@ __all__ = [
     "ESMCConfig",
     "ESMCOutput",
     "ESMProtein",
+    "ESMProteinError",
     "ESMProteinTensor",
     "ForwardAndSampleOutput",
     "ForwardTrackData",

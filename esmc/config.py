@@ -49,8 +49,19 @@ CONFIGS: dict[str, ESMCConfig] = {
 }
 
 
+OFFICIAL_NAMES: dict[str, str] = {
+    "esmc_300m": "esmc-300m",  # esm.models.esmc.ESMC.from_pretrained
+    "esmc_600m": "esmc-600m",
+    "esmc-300m-2024-12": "esmc-300m",  # Forge model names
+    "esmc-600m-2024-12": "esmc-600m",
+    "esmc-6b-2024-12": "esmc-6b",
+}
+"""The official ``esm`` package's model names, accepted as aliases of the registry names."""
+
+
 def get_config(name: str) -> ESMCConfig:
+    """The shape of a registry model; the official names (``esmc_300m``...) are accepted."""
     try:
-        return CONFIGS[name]
+        return CONFIGS[OFFICIAL_NAMES.get(name, name)]
     except KeyError:
         raise ValueError(f"unknown model config {name!r}; known: {sorted(CONFIGS)}") from None

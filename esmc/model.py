@@ -19,6 +19,7 @@ from torch import nn
 from esmc.attention import PackedLayout, PaddedLayout, SequenceLayout
 from esmc.batch import TokenBatch, masked_mean, residue_mask  # noqa: F401 (re-exported)
 from esmc.config import ESMCConfig
+from esmc.sdk_api import SDKMethods, as_logits_config, sequence_tokens
 from esmc.tokenizer import PAD_ID
 from esmc.types import ESMProteinTensor, ForwardTrackData, LogitsConfig, LogitsOutput
 
@@ -171,7 +172,7 @@ class TransformerStack(nn.Module):
         self.norm = nn.LayerNorm(config.d_model, bias=False)
 
 
-class ESMC(nn.Module):
+class ESMC(SDKMethods, nn.Module):
     """ESM Cambrian. ``state_dict()`` matches the reference's legacy layout key for key."""
 
     def __init__(self, config: ESMCConfig):
@@ -193,20 +194,25 @@ class ESMC(nn.Module):
         return self.embed.weight.dtype
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "esmc-tiny", **kwargs) -> ESMC:
-        """Load weights by registry name, Hugging Face repo id, or local file/directory.
+    def from_pretrained(cls, name_or_path: str = "esmc-tiny", device=None, **kwargs) -> ESMC:
+        """Load weights by registry name (official names such as ``esmc_300m`` too), Hugging
+        Face repo id, or local file/directory.
 
         See :func:`esmc.weights.load_pretrained` for the arguments and layouts.
         """
         from esmc.weights import load_pretrained
 
-        return load_pretrained(name_or_path, **kwargs)
+        return load_pretrained(name_or_path, device=device, **kwargs)
 
     @torch.no_grad()
-    def logits(self, input: ESMProteinTensor, config: LogitsConfig | None = None) -> LogitsOutput:
+    def logits(
+        self, input: ESMProteinTensor | torch.Tensor, config: LogitsConfig | None = None
+    ) -> LogitsOutput:
         """The reference's ``logits`` call: one padded forward over ``input.sequence``.
 
-        ``input.sequence``: (L,) token ids (a batch dimension is added) or a padded (B, L) batch.
+        ``input.sequence`` (or ``input`` itself, a tensor): (L,) token ids (a batch dimension is
+        added) or a padded (B, L) batch. ``input`` and ``config`` may also be the official
+        ``esm.sdk.api`` types (see :mod:`esmc.sdk_api`).
         Outputs keep the batch dimension as the reference's do: logits (B, L, 64), embeddings
         (B, L, d), hidden states (layers, B, L, d) in the model's compute dtype (bf16 autocast on
         CUDA). Means are over residues only (BOS, EOS and padding excluded), float32:
@@ -214,10 +220,8 @@ class ESMC(nn.Module):
         """
         from esmc.inference import autocast_for, hidden_layer_indices
 
-        config = LogitsConfig() if config is None else config
-        if input.sequence is None:
-            raise ValueError("ESMC.logits needs input.sequence (token ids)")
-        tokens = input.sequence.to(self.device)
+        config = as_logits_config(config)
+        tokens = sequence_tokens(input).to(self.device)
         tokens = tokens.unsqueeze(0) if tokens.ndim == 1 else tokens  # (B, L)
         layers = hidden_layer_indices(config, self.config.n_layers)
         batch = TokenBatch.from_padded(tokens)

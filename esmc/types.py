@@ -164,3 +164,14 @@ class ForwardAndSampleOutput(LogitsOutput):
     topk_tokens: ForwardTrackData | None = None
     per_residue_embedding: torch.Tensor | None = None
     mean_embedding: torch.Tensor | None = None
+
+
+@attrs.define
+class ESMProteinError(Exception):
+    """A failed protein in a batch, returned in its place (the reference's ``ESMProteinError``).
+
+    ``error_code`` follows HTTP (400 bad input, 500 the reference's generation failures).
+    """
+
+    error_code: int
+    error_msg: str

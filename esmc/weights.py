@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from esmc.config import ESMCConfig
+from esmc.config import OFFICIAL_NAMES, ESMCConfig
 from esmc.model import ESMC
 
 SHIPPED_DIR = Path(__file__).parent / "weights"
@@ -79,7 +79,8 @@ def load_pretrained(
     """Load ESMC weights in eval mode.
 
     ``name_or_path``: ``esmc-tiny`` (shipped in the package), ``esmc-300m`` / ``esmc-600m`` /
-    ``esmc-6b`` (Hugging Face hub), any hub repo id, a local ``.pth`` / ``.safetensors`` file,
+    ``esmc-6b`` (Hugging Face hub; the official names in :data:`OFFICIAL_NAMES`, such as
+    ``esmc_300m``, are aliases), any hub repo id, a local ``.pth`` / ``.safetensors`` file,
     or a local directory laid out like a hub repo. ``revision`` and ``token`` apply to the hub
     (its cache, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are honoured). Defaults: CUDA if available
     in bfloat16, else CPU in float32.
@@ -87,6 +88,7 @@ def load_pretrained(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
     name = os.fspath(name_or_path)
+    name = OFFICIAL_NAMES.get(name, name)
     path, filename = locate(name, revision=revision, token=token)
     return load_local(path, device=device, dtype=dtype, name=name, filename=filename)
 

@@ -170,11 +170,15 @@ def write_transformers_repo(model: ESMC, root: Path, max_shard_size: str = "300K
 # -- a Hugging Face cache holding a repo --------------------------------------------------------
 
 
-def populate_hub_cache(cache: Path, repo_id: str, source: Path) -> Path:
-    """Lay ``source``'s files out as the hub cache holds a snapshot of ``repo_id`` at main."""
+def populate_hub_cache(cache: Path, repo_id: str, source: Path | None) -> Path:
+    """Lay ``source``'s files out as the hub cache holds a snapshot of ``repo_id`` at main
+    (an empty snapshot directory to write into when ``source`` is None)."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / FAKE_COMMIT
-    shutil.copytree(source, snapshot)
+    if source is None:
+        snapshot.mkdir(parents=True)
+    else:
+        shutil.copytree(source, snapshot)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(FAKE_COMMIT)
     return snapshot

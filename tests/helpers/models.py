@@ -79,3 +79,20 @@ def transformers_config(config: ESMCConfig):
         num_hidden_layers=config.n_layers,
         intermediate_size=config.ffn_hidden,
     )
+
+
+def reference_tokenizers():
+    """The tokenizer collection ``esm.utils.generation`` needs for sequence generation.
+
+    It reads only ``sequence`` (the real ``EsmSequenceTokenizer``) and, to build an all-mask
+    dummy for the ``function`` track it stacks but never samples, ``function.depth`` and that
+    track's mask/BOS/EOS/pad ids; ``hasattr`` is False for the other tracks (they stay None).
+    """
+    from types import SimpleNamespace
+
+    from esm.tokenization import EsmSequenceTokenizer
+
+    function = SimpleNamespace(
+        depth=8, mask_token_id=0, bos_token_id=1, eos_token_id=2, pad_token_id=3
+    )
+    return SimpleNamespace(sequence=EsmSequenceTokenizer(), function=function)
