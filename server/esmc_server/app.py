@@ -117,6 +117,7 @@ class Server:
         self.security: Security | None = None
         self.port: int = 0
         self.metrics_port: int | None = None
+        self.http = None  # esmc_server.http.HttpFront when config.http_port is set
         self.engine = None
         self.model: ESMC | None = None
         self.fatal: str | None = None  # why the engine failed, once it has
@@ -164,6 +165,8 @@ class Server:
             await asyncio.sleep(drain_delay_s)
         deadline = time.monotonic() + grace_s
         self.servicer.drain()
+        if self.http is not None:  # closes its port, lets requests in flight finish
+            await self.http.stop()
         await self.grpc_server.stop(grace_s)  # refuses new RPCs now, cancels the rest at grace
         self.servicer.detach()
         if self.engine is not None:
@@ -222,6 +225,10 @@ async def create_server(
         await _start_engine(server, config, engine, model)
         if config.metrics_port is not None:
             server.metrics_port = metrics.serve(config.host, config.metrics_port)
+        if config.http_port is not None:
+            from esmc_server.http import start_http
+
+            server.http = await start_http(server, config.host, config.http_port)
     except BaseException:
         await grpc_server.stop(0)
         if server.engine is not None:

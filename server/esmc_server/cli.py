@@ -33,6 +33,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=_port_or_off, help="Prometheus port, or 'off'")
+    p.add_argument(
+        "--http-port",
+        type=_port_or_off,
+        help="also serve the Forge-compatible HTTP API on this port (0: any free port; "
+        "default off); same engine, tokens and TLS as gRPC",
+    )
     p.add_argument("--max-batch-tokens", type=int, help="token budget per forward")
     p.add_argument("--max-batch-size", type=int, help="sequences per forward (1: no batching)")
     p.add_argument("--max-wait-ms", type=float, help="wait bound from the oldest waiting request")
@@ -196,6 +202,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.metrics_port is not None:  # "off" means None, which from_env reads as "not given"
         port = None if args.metrics_port == "off" else args.metrics_port
         config = dataclasses.replace(config, metrics_port=port)
+    if args.http_port is not None:
+        http_port = None if args.http_port == "off" else args.http_port
+        config = dataclasses.replace(config, http_port=http_port)
     if args.max_connection_age_s == "off":
         config = dataclasses.replace(config, max_connection_age_s=None)
     return config
@@ -214,6 +223,8 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.security.reload)
     metrics = f", metrics on port {server.metrics_port}" if server.metrics_port is not None else ""
+    if server.http is not None:
+        metrics += f", Forge-compatible HTTP on port {server.http.port}"
     log.info(
         "serving %s on %s:%d (%s)%s",
         config.model, config.host, port, server.security.describe(), metrics,

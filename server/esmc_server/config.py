@@ -56,6 +56,7 @@ class ServerConfig:
     warmup: bool = True
     compile: bool = False  # torch.compile the block stack (esmc.compiled), warmed up at start
     max_score_forwards: int = 20000  # masked copies one ScoreVariants/PLL request may need
+    http_port: int | None = None  # Forge-compatible HTTP endpoint (same engine); None: off
     # --- shared-service settings (security, connections, tracing) ---
     auth_tokens_file: str | None = None  # one token per line; None: no auth
     auth_reflection: bool = False  # reflection needs a token too
@@ -127,6 +128,8 @@ class ServerConfig:
             math.isfinite(self.drain_delay_s) and self.drain_delay_s >= 0,
             "drain_delay_s must be >= 0",
         )
+        if self.http_port is not None:
+            _check(0 <= self.http_port < 65536, f"http_port {self.http_port} is out of range")
 
     @property
     def tls(self) -> bool:
@@ -205,6 +208,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "stream_idle_timeout_s": float,
     "drain_delay_s": float,
     "so_reuseport": _parse_bool,
+    "http_port": _parse_optional_port,
     "max_batch_tokens": int,
     "max_batch_size": int,
     "max_wait_ms": float,

@@ -1,0 +1,375 @@
+"""Forge-compatible HTTP endpoint: what the official ``ESMCForgeInferenceClient`` calls.
+
+``esmc serve --http-port P`` serves, from the same process, event loop and engine as gRPC
+(so HTTP and gRPC requests share batches):
+
+- ``POST /api/v1/encode``  ``{"inputs": {"sequence": str}}`` -> ``{"outputs": {"sequence": [int]}}``
+- ``POST /api/v1/decode``  ``{"inputs": {"sequence": [int]}}`` -> ``{"outputs": {"sequence": str}}``
+- ``POST /api/v1/logits``  ``{"inputs": {"sequence": [int]}, "logits_config": {...}}`` ->
+  ``{"logits": {"sequence": ...}, "embeddings": ..., "hidden_states": ..., "mean_embedding":
+  ..., "mean_hidden_state": ...}``: plain JSON lists with a batch dimension of 1, as the
+  reference ``ESMC.logits`` returns them (logits (1, L, 64), embeddings (1, L, d), hidden
+  states (layers, 1, L, d)), ``null`` for what was not asked;
+- ``GET /health`` (no token; 503 until the model serves), ``GET /openapi.json``.
+
+Requests carry ``Authorization: Bearer <token>`` when the server has tokens (the same store
+and check as gRPC). Inputs go through the gRPC servicer's readers (:mod:`esmc_server.convert`),
+so both fronts accept and refuse the same things with the same messages. Errors answer
+``{"detail": message, "code": gRPC status name}`` with the status of
+:data:`esmc_server.errors.HTTP_STATUS` (400, 401, 404, 429, 503, 504...); the Forge client
+retries 429, 502 and 504. Responses are always ``application/json`` (the client also accepts
+it when it asks for pickle) and are serialised off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from esmc.config import OFFICIAL_NAMES
+from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_server import convert
+from esmc_server.errors import (
+    InvalidRequest,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+    http_status,
+)
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+API = "/api/v1"
+MAX_BODY_BYTES = 64 * 1024 * 1024
+_LOGITS_FLAGS = ("sequence", "return_embeddings", "return_hidden_states")
+_MEAN_FLAGS = ("return_mean_embedding", "return_mean_hidden_states")
+_TRACK_FLAGS = ("structure", "secondary_structure", "sasa", "function", "residue_annotations")
+
+
+class NotServed(ServiceError):
+    """The request names a model this server does not serve."""
+
+    code = "NOT_FOUND"
+
+
+class HttpFront:
+    """The HTTP routes over a running :class:`esmc_server.app.Server`'s engine and tokens."""
+
+    def __init__(self, server):
+        self._server = server
+        self.runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.add_routes(
+            [
+                web.post(f"{API}/encode", self._route("encode", self._encode)),
+                web.post(f"{API}/decode", self._route("decode", self._decode)),
+                web.post(f"{API}/logits", self._route("logits", self._logits)),
+                web.get("/health", self._health),
+                web.get("/openapi.json", self._openapi),
+            ]
+        )
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: a free port), HTTPS when the server has TLS; returns
+        the bound port. On stop, requests in flight get the server's grace period."""
+        config = self._server.config
+        self.runner = web.AppRunner(
+            self.application(), access_log=None, shutdown_timeout=config.grace_s
+        )
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port, ssl_context=_ssl_context(config)).start()
+        self.port = self.runner.addresses[0][1]  # the bound port (0 picks a free one)
+        return self.port
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _route(self, name: str, handler: Callable[[dict], Awaitable[dict]]):
+        """Auth, JSON body, the model name; errors as JSON with their HTTP status; metrics."""
+
+        async def route(request: web.Request) -> web.Response:
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                self._check_token(request)
+                body = await _json_body(request)
+                self._check_model(body.get("model"))
+                return await _json_response(await handler(body))
+            except ServiceError as e:
+                code = e.code
+                return await _json_response({"detail": str(e), "code": e.code}, http_status(e.code))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as e:
+                code = "INTERNAL"
+                log.exception("HTTP %s failed", name)
+                message = f"internal error: {type(e).__name__}"
+                return await _json_response({"detail": message, "code": code}, 500)
+            finally:
+                self._server.metrics.on_request(f"http_{name}", code, time.perf_counter() - start)
+
+        return route
+
+    def _check_token(self, request: web.Request) -> None:
+        tokens = self._server.security.tokens if self._server.security is not None else None
+        if tokens is not None and not tokens.allows(request.headers.get("Authorization")):
+            raise Unauthenticated(
+                "missing or invalid token: send 'Authorization: Bearer <token>'"
+            )
+
+    def _check_model(self, name: Any) -> None:
+        served = self._server.config.model
+        if name is None or _canonical(name) == _canonical(served):
+            return
+        raise NotServed(f"model {name!r} is not served here; this server serves {served!r}")
+
+    @property
+    def _served(self):
+        if self._server.engine is None or self._server.model is None:
+            raise Unavailable("the server is not ready: the model is loading or shutting down")
+        return self._server.engine, self._server.model
+
+    # -- routes --------------------------------------------------------------------------------
+
+    async def _encode(self, body: dict) -> dict:
+        sequence = _field(_inputs(body), "sequence", str)
+        limit = self._server.config.max_tokens
+        tokens = convert.tokens_from_protein(pb.ESMProtein(sequence=sequence), limit)
+        return {"outputs": {"sequence": tokens.tolist()}}
+
+    async def _decode(self, body: dict) -> dict:
+        ids = _token_ids(_inputs(body))
+        limit = self._server.config.max_tokens
+        tokens = convert.tokens_from_tensor(pb.ESMProteinTensor(sequence=ids), limit)
+        return {"outputs": {"sequence": convert.protein_to_proto(tokens).sequence}}
+
+    async def _logits(self, body: dict) -> dict:
+        engine, model = self._served
+        ids = _token_ids(_inputs(body))
+        limit = self._server.config.max_tokens
+        tokens = convert.tokens_from_tensor(pb.ESMProteinTensor(sequence=ids), limit)
+        message = _logits_config_message(body.get("logits_config") or {})
+        config, _ = convert.logits_config_from_proto(message, model.config.n_layers)
+        result = await engine.logits(tokens, config)
+        return await asyncio.to_thread(_logits_payload, result.output)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        serving = self._server.engine is not None and self._server.model is not None
+        status = "SERVING" if serving else "NOT_SERVING"
+        return await _json_response({"status": status}, 200 if serving else 503)
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return await _json_response(openapi_document())
+
+
+def _ssl_context(config) -> ssl.SSLContext | None:
+    """The gRPC port's certificate (and client CA for mutual TLS), or None for plain HTTP."""
+    if not config.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca is not None:
+        context.load_verify_locations(config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _canonical(name: str) -> str:
+    return OFFICIAL_NAMES.get(name, name)
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
+
+
+def _inputs(body: dict) -> dict:
+    inputs = body.get("inputs")
+    if not isinstance(inputs, dict):
+        raise InvalidRequest('"inputs" must be an object, e.g. {"sequence": ...}')
+    return inputs
+
+
+def _field(inputs: dict, name: str, kind: type) -> Any:
+    value = inputs.get(name)
+    if not isinstance(value, kind):
+        raise InvalidRequest(f'inputs.{name} must be a {kind.__name__}, got {type(value).__name__}')
+    return value
+
+
+def _token_ids(inputs: dict) -> list[int]:
+    ids = _field(inputs, "sequence", list)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InvalidRequest("inputs.sequence must be a list of integer token ids")
+    if not all(-(2**63) <= i < 2**63 for i in ids):
+        raise InvalidRequest("inputs.sequence holds an id out of range")
+    return ids
+
+
+def _logits_config_message(fields: dict) -> pb.LogitsConfig:
+    """The Forge ``logits_config`` as the gRPC message the servicer validates.
+
+    ``ith_hidden_layer`` counts only when hidden states are asked for (the Forge client
+    always sends it, -1 by default).
+    """
+    if not isinstance(fields, dict):
+        raise InvalidRequest("logits_config must be an object")
+    message = pb.LogitsConfig()
+    for name in (*_LOGITS_FLAGS, *_MEAN_FLAGS, *_TRACK_FLAGS):
+        value = fields.get(name, False)
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"logits_config.{name} must be true or false")
+        setattr(message, name, value)
+    layer = fields.get("ith_hidden_layer", -1)
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise InvalidRequest("logits_config.ith_hidden_layer must be an integer")
+    if layer != -1 and (message.return_hidden_states or message.return_mean_hidden_states):
+        message.ith_hidden_layer = layer
+    return message
+
+
+def _logits_payload(output) -> dict:
+    """Every key the Forge client reads, with the reference's batch dimension; null if absent."""
+
+    def listed(tensor, batch_dim: int):
+        return None if tensor is None else tensor.unsqueeze(batch_dim).tolist()
+
+    sequence = output.logits.sequence if output.logits is not None else None
+    return {
+        "logits": {"sequence": listed(sequence, 0)},  # (1, L, 64)
+        "embeddings": listed(output.embeddings, 0),  # (1, L, d)
+        "hidden_states": listed(output.hidden_states, 1),  # (layers, 1, L, d)
+        "mean_embedding": listed(output.mean_embedding, 0),  # (1, d)
+        "mean_hidden_state": listed(output.mean_hidden_states, 1),  # (layers, 1, d)
+    }
+
+
+async def _json_response(payload: dict, status: int = 200) -> web.Response:
+    """``Content-Type: application/json`` exactly (the Forge client compares the whole
+    header value); large payloads are serialised in a thread."""
+    body = await asyncio.to_thread(json.dumps, payload, separators=(",", ":"))
+    return web.Response(body=body.encode(), status=status, headers={"Content-Type": JSON})
+
+
+async def start_http(server, host: str, port: int) -> HttpFront:
+    """Serve the HTTP routes of ``server`` on ``host:port``; ``front.port`` is the bound one."""
+    front = HttpFront(server)
+    await front.start(host, port)
+    return front
+
+
+# -- OpenAPI -----------------------------------------------------------------------------------
+
+_ERROR = {
+    "type": "object",
+    "properties": {"detail": {"type": "string"}, "code": {"type": "string"}},
+    "required": ["detail", "code"],
+}
+_IDS = {"type": "array", "items": {"type": "integer"}, "description": "<cls> ids... <eos>"}
+_NESTED = {
+    "type": "array",
+    "nullable": True,
+    "items": {},
+    "description": "nested lists of float32 values",
+}
+
+
+def _post(summary: str, request: dict, response: dict) -> dict:
+    errors = {
+        "400": "invalid input",
+        "401": "missing or invalid token",
+        "404": "model not served here",
+        "429": "queue full: retry with backoff",
+        "503": "not ready or shutting down",
+        "504": "deadline exceeded",
+    }
+    responses = {"200": {"description": "OK", "content": {JSON: {"schema": response}}}}
+    for status, text in errors.items():
+        responses[status] = {"description": text, "content": {JSON: {"schema": _ERROR}}}
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": {JSON: {"schema": request}}},
+            "responses": responses,
+        }
+    }
+
+
+def _body(inputs: dict, **extra: dict) -> dict:
+    return {
+        "type": "object",
+        "properties": {
+            "model": {"type": "string"},
+            "inputs": {"type": "object", "properties": {"sequence": inputs}, "required": ["sequence"]},
+            "potential_sequence_of_concern": {"type": "boolean"},
+            **extra,
+        },
+        "required": ["inputs"],
+    }
+
+
+def _outputs(sequence: dict) -> dict:
+    return {"type": "object", "properties": {"outputs": {"type": "object", "properties": {"sequence": sequence}}}}
+
+
+def openapi_document() -> dict:
+    """The OpenAPI 3.0 description of the HTTP routes."""
+    flags = {name: {"type": "boolean", "default": False} for name in (*_LOGITS_FLAGS, *_MEAN_FLAGS)}
+    flags["ith_hidden_layer"] = {"type": "integer", "default": -1}
+    logits_response = {
+        "type": "object",
+        "properties": {
+            "logits": {"type": "object", "properties": {"sequence": _NESTED}},
+            "embeddings": _NESTED,
+            "hidden_states": _NESTED,
+            "mean_embedding": _NESTED,
+            "mean_hidden_state": _NESTED,
+        },
+        "required": ["logits", "embeddings", "hidden_states", "mean_embedding", "mean_hidden_state"],
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "esmc-serve (Forge-compatible)", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            f"{API}/encode": _post(
+                "Sequence to token ids", _body({"type": "string"}), _outputs(_IDS)
+            ),
+            f"{API}/decode": _post("Token ids to sequence", _body(_IDS), _outputs({"type": "string"})),
+            f"{API}/logits": _post(
+                "Logits, embeddings and hidden states of one protein",
+                _body(_IDS, logits_config={"type": "object", "properties": flags}),
+                logits_response,
+            ),
+            "/health": {
+                "get": {
+                    "summary": "SERVING once the model is loaded (no token needed)",
+                    "responses": {"200": {"description": "serving"}, "503": {"description": "not serving"}},
+                }
+            },
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OK"}}}},
+        },
+    }
