@@ -41,7 +41,9 @@ def http_config(tmp_path, **batching) -> ServerConfig:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{TOKEN}\n")
     config = server_config(**batching)
-    return dataclasses.replace(config, model="esmc-tiny", http_port=0, auth_tokens_file=str(tokens))
+    return dataclasses.replace(
+        config, model="esmc-tiny", http_port=0, auth_tokens_file=str(tokens), warmup=False
+    )
 
 
 def forge(port: int, token: str = TOKEN, model: str = "esmc-tiny", **retry) -> ESMCForgeInferenceClient:

@@ -10,7 +10,8 @@
   ..., "mean_hidden_state": ...}``: plain JSON lists with a batch dimension of 1, as the
   reference ``ESMC.logits`` returns them (logits (1, L, 64), embeddings (1, L, d), hidden
   states (layers, 1, L, d)), ``null`` for what was not asked;
-- ``GET /health`` (no token; 503 until the model serves), ``GET /openapi.json``.
+- ``GET /health`` (no token; 503 until the model serves and after a fatal engine fault, as
+  the gRPC health), ``GET /openapi.json``.
 
 Requests carry ``Authorization: Bearer <token>`` when the server has tokens (the same store
 and check as gRPC). Inputs go through the gRPC servicer's readers (:mod:`esmc_server.convert`),
@@ -171,9 +172,13 @@ class HttpFront:
         return await asyncio.to_thread(_logits_payload, result.output)
 
     async def _health(self, request: web.Request) -> web.Response:
-        serving = self._server.engine is not None and self._server.model is not None
-        status = "SERVING" if serving else "NOT_SERVING"
-        return await _json_response({"status": status}, 200 if serving else 503)
+        """As the gRPC health: NOT_SERVING until the model serves and after a fatal engine fault."""
+        server = self._server
+        serving = server.engine is not None and server.model is not None and server.fatal is None
+        payload = {"status": "SERVING" if serving else "NOT_SERVING"}
+        if server.fatal is not None:
+            payload["reason"] = server.fatal
+        return await _json_response(payload, 200 if serving else 503)
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return await _json_response(openapi_document())
