@@ -82,17 +82,7 @@ def transformers_config(config: ESMCConfig):
 
 
 def reference_tokenizers():
-    """The tokenizer collection ``esm.utils.generation`` needs for sequence generation.
+    """The tokenizer collection ``esm.utils.generation`` needs for sequence generation."""
+    from esmc_client.esm_sdk import sdk_tokenizers
 
-    It reads only ``sequence`` (the real ``EsmSequenceTokenizer``) and, to build an all-mask
-    dummy for the ``function`` track it stacks but never samples, ``function.depth`` and that
-    track's mask/BOS/EOS/pad ids; ``hasattr`` is False for the other tracks (they stay None).
-    """
-    from types import SimpleNamespace
-
-    from esm.tokenization import EsmSequenceTokenizer
-
-    function = SimpleNamespace(
-        depth=8, mask_token_id=0, bos_token_id=1, eos_token_id=2, pad_token_id=3
-    )
-    return SimpleNamespace(sequence=EsmSequenceTokenizer(), function=function)
+    return sdk_tokenizers()
