@@ -10,8 +10,8 @@
   ..., "mean_hidden_state": ...}``: plain JSON lists with a batch dimension of 1, as the
   reference ``ESMC.logits`` returns them (logits (1, L, 64), embeddings (1, L, d), hidden
   states (layers, 1, L, d)), ``null`` for what was not asked;
-- ``GET /health`` (no token; 503 until the model serves and after a fatal engine fault, as
-  the gRPC health), ``GET /openapi.json``.
+- ``GET /health`` (no token; 503 until the model serves, once stopping and after a fatal
+  engine fault, as the gRPC health), ``GET /openapi.json``.
 
 Requests carry ``Authorization: Bearer <token>`` when the server has tokens (the same store
 and check as gRPC). Inputs go through the gRPC servicer's readers (:mod:`esmc_server.convert`),
@@ -172,9 +172,11 @@ class HttpFront:
         return await asyncio.to_thread(_logits_payload, result.output)
 
     async def _health(self, request: web.Request) -> web.Response:
-        """As the gRPC health: NOT_SERVING until the model serves and after a fatal engine fault."""
+        """As the gRPC health: NOT_SERVING until the model serves, once stopping, and after a
+        fatal engine fault."""
         server = self._server
-        serving = server.engine is not None and server.model is not None and server.fatal is None
+        stopping = server._stopping is not None  # health turns NOT_SERVING first on stop
+        serving = server.engine is not None and server.fatal is None and not stopping
         payload = {"status": "SERVING" if serving else "NOT_SERVING"}
         if server.fatal is not None:
             payload["reason"] = server.fatal
