@@ -214,3 +214,39 @@ def test_ray_embed_arguments():
     assert (args.inputs, args.output, args.targets) == (["a.fasta", "shards/"], "out", "h1:1,h2:2")
     assert (args.concurrency, args.layer, args.pool, args.address) == (4, -2, "none", "ray://head:10001")
     assert not args.in_process and args.model == "esmc-tiny"
+
+
+def test_ray_score_variants_with_a_bad_variant_and_resume(weights, local_ray, proteome, tmp_path):
+    from esmc_client import ESMCClient
+
+    (id_a, wt_a), (id_b, wt_b) = [r for r in read_fasta(proteome) if len(r[1]) < 200][:2]
+    variants = [(wt_a, f"{wt_a[i]}{i + 1}A") for i in range(1, 9)] + [
+        (wt_b, f"{wt_b[i]}{i + 1}W:{wt_b[i + 2]}{i + 3}G") for i in range(1, 6)
+    ]
+    variants.append((wt_a, f"{'W' if wt_a[1] != 'W' else 'C'}2A"))  # wrong wild-type residue
+    ids = [f"v{i}" for i in range(len(variants))]
+    shard = tmp_path / "variants.parquet"
+    pq.write_table(pa.table({
+        "id": ids, "sequence": [wt for wt, _ in variants], "mutant": [v for _, v in variants],
+    }), shard)
+    out = tmp_path / "scores"
+    with ServeProcess(str(weights), SERVE_OPTIONS) as server:
+        argv = ["ray-score", str(shard), "-o", str(out), "--targets", server.target,
+                "--variant-column", "mutant", "--batch-size", "8", "--no-progress"]
+        assert main(argv) == 1  # one row has an error
+        table = read_output(out)
+        assert sorted(table["id"].to_pylist()) == sorted(ids)
+        rows = {uid: i for i, uid in enumerate(table["id"].to_pylist())}
+        assert "INVALID_ARGUMENT" in table["error"][rows[ids[-1]]].as_py()
+        assert table["score"][rows[ids[-1]]].as_py() is None
+        with ESMCClient(server.target) as client:
+            for wt in (wt_a, wt_b):
+                mine = [i for i, (w, _) in enumerate(variants[:-1]) if w == wt]
+                want = client.score_variants(wt, [variants[i][1] for i in mine])
+                got = [table["score"][rows[ids[i]]].as_py() for i in mine]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        metadata = table.schema.metadata
+        assert (metadata[b"esmc.kind"], metadata[b"esmc.method"]) == (b"variant-scores", b"masked-marginals")
+        served = requests_served(server.metrics(), "ScoreVariants")
+        assert main(argv) == 0  # resumed: nothing left
+        assert requests_served(server.metrics(), "ScoreVariants") == served

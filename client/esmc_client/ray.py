@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +58,7 @@ TRANSIENT_CODES = (
     "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "ABORTED",
 )
 """Errors that say nothing about the sequence: its id is left for the next run."""
-RESUME_KEYS = ("model", "layer", "pooling")
+RESUME_KEYS = ("kind", "model", "layer", "pooling", "method", "normalization")
 """Metadata a resumed job must share with the parts already written."""
 FASTA_BLOCK_RECORDS = 4096
 _CLIENT_RETRY = RetryPolicy(max_retries=2, initial_backoff_s=0.2, max_backoff_s=1.0, ride_out_s=2.0)
@@ -125,7 +125,10 @@ def embed_with_servers(
     if not targets:
         raise ValueError("give at least one target (host:port)")
     client_options = dict(client_options or {})
-    metadata = {**server_metadata(targets, client_options), "layer": str(layer), "pooling": pool}
+    metadata = {
+        "kind": "embeddings", **server_metadata(targets, client_options),
+        "layer": str(layer), "pooling": pool,
+    }
     actor_kwargs = {
         "targets": list(targets),
         "client_options": client_options,
@@ -138,7 +141,7 @@ def embed_with_servers(
         inputs, output, ServerEmbedActor, actor_kwargs, metadata,
         concurrency=concurrency or 2 * len(targets), batch_size=batch_size,
         resources={"num_cpus": cpus_per_actor}, progress=progress,
-        id_column=id_column, sequence_column=sequence_column,
+        columns={"id": id_column, "sequence": sequence_column},
     )
 
 
@@ -165,7 +168,10 @@ def embed_in_process(
     :class:`esmc_server.embedder.LocalEmbedder` (device, dtype, batching, max_length,
     threads). Needs the ``[server]`` extra on every node.
     """
-    metadata = {"model": model, "layer": str(layer), "pooling": pool, "mode": "in-process"}
+    metadata = {
+        "kind": "embeddings", "model": model, "layer": str(layer), "pooling": pool,
+        "mode": "in-process",
+    }
     actor_kwargs = {
         "model": model,
         "embedder_options": dict(embedder_options or {}),
@@ -178,7 +184,7 @@ def embed_in_process(
     return run_job(
         inputs, output, EngineEmbedActor, actor_kwargs, metadata,
         concurrency=concurrency, calls_per_actor=2, batch_size=batch_size, resources=resources,
-        progress=progress, id_column=id_column, sequence_column=sequence_column,
+        progress=progress, columns={"id": id_column, "sequence": sequence_column},
     )
 
 
@@ -237,13 +243,13 @@ def run_job(
     resources: dict[str, Any],
     progress: bool,
     calls_per_actor: int = 1,
-    id_column: str = "id",
-    sequence_column: str = "sequence",
+    columns: dict[str, str] | None = None,
 ) -> JobSummary:
     """Read, skip what ``output`` holds, embed the rest with ``actor_class`` actors.
 
     ``calls_per_actor`` > 1 lets an actor take the next block while one is in flight (the
-    in-process engine then packs both blocks into its forwards).
+    in-process engine then packs both blocks into its forwards). ``columns``: output name ->
+    input column of parquet/CSV inputs (default ``id``, ``sequence``).
     """
     import ray
     import ray.data
@@ -256,7 +262,7 @@ def run_job(
     done = store.ids()
     summary = JobSummary(output=output, already_done=len(done))
     pending = (
-        read_inputs(inputs, id_column, sequence_column, batch_size)
+        read_inputs(inputs, columns or {"id": "id", "sequence": "sequence"}, batch_size)
         .map_batches(drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow")
         .repartition(target_num_rows_per_block=batch_size)  # one actor call per block
     )
@@ -305,31 +311,29 @@ def input_files(inputs: Sequence[str]) -> list[tuple[str, str]]:
     return files
 
 
-def read_inputs(
-    inputs: Sequence[str],
-    id_column: str = "id",
-    sequence_column: str = "sequence",
-    rows: int = FASTA_BLOCK_RECORDS,
-):
-    """One Ray dataset of ``id``, ``sequence`` (strings) from every input file, one read
-    task per file streaming blocks of at most ``rows`` rows (files must be readable from
-    every node: a shared filesystem)."""
+def read_inputs(inputs: Sequence[str], columns: dict[str, str], rows: int = FASTA_BLOCK_RECORDS):
+    """One Ray dataset of string columns named as the keys of ``columns`` (values: the
+    parquet/CSV column names; FASTA gives ``id`` and ``sequence``) from every input file,
+    one read task per file streaming blocks of at most ``rows`` rows (files must be readable
+    from every node: a shared filesystem)."""
     import ray.data
 
     files = [{"path": path, "format": kind} for path, kind in input_files(inputs)]
-    columns = {"id_column": id_column, "sequence_column": sequence_column, "rows": rows}
+    if set(columns) != {"id", "sequence"} and any(f["format"] == "fasta" for f in files):
+        raise ValueError(f"FASTA has no {', '.join(sorted(set(columns) - {'id', 'sequence'}))} column")
     return ray.data.from_items(files).map_batches(
-        read_blocks, fn_kwargs=columns, batch_size=1, batch_format="pyarrow"
+        read_blocks, fn_kwargs={"columns": columns, "rows": rows}, batch_size=1,
+        batch_format="pyarrow",
     )
 
 
-def read_blocks(files, id_column: str, sequence_column: str, rows: int) -> Iterator[Any]:
-    """The records of each file, as ``id``, ``sequence`` tables of at most ``rows`` rows."""
+def read_blocks(files, columns: dict[str, str], rows: int) -> Iterator[Any]:
+    """The records of each file, as tables of at most ``rows`` rows."""
     for path, kind in zip(files["path"].to_pylist(), files["format"].to_pylist()):
         if kind == "fasta":
             yield from _fasta_blocks(path, rows)
         else:
-            yield from _table_blocks(path, kind, id_column, sequence_column, rows)
+            yield from _table_blocks(path, kind, columns, rows)
 
 
 def _fasta_blocks(path: str, rows: int) -> Iterator[Any]:
@@ -347,24 +351,23 @@ def _fasta_blocks(path: str, rows: int) -> Iterator[Any]:
         yield pa.table({"id": ids, "sequence": sequences})
 
 
-def _table_blocks(path: str, kind: str, id_column: str, sequence_column: str, rows: int):
+def _table_blocks(path: str, kind: str, columns: dict[str, str], rows: int):
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet as pq
 
-    columns = [id_column, sequence_column]
+    wanted = list(columns.values())
     if kind == "parquet":
-        batches = pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=rows, columns=wanted)
     else:
-        types = {name: pa.string() for name in columns}
-        options = pyarrow.csv.ConvertOptions(column_types=types, include_columns=columns)
+        types = {name: pa.string() for name in wanted}
+        options = pyarrow.csv.ConvertOptions(column_types=types, include_columns=wanted)
         batches = pyarrow.csv.open_csv(path, convert_options=options)
     for batch in batches:
         for start in range(0, batch.num_rows, rows):
             part = batch.slice(start, rows)
             yield pa.table({
-                "id": part.column(id_column).cast(pa.string()),
-                "sequence": part.column(sequence_column).cast(pa.string()),
+                name: part.column(column).cast(pa.string()) for name, column in columns.items()
             })
 
 
@@ -377,7 +380,7 @@ def drop_done(batch, done):
     if isinstance(done, ray.ObjectRef):
         done = ray.get(done)
 
-    batch = batch.select(["id", "sequence"]).filter(pc.invert(pc.is_in(batch["id"], done)))
+    batch = batch.filter(pc.invert(pc.is_in(batch["id"], done)))
     ids = batch["id"].to_pylist()
     if len(set(ids)) == len(ids):
         return batch
@@ -388,10 +391,15 @@ def drop_done(batch, done):
 # --- actors -------------------------------------------------------------------------------
 
 
-class ServerEmbedActor:
-    """Embeds blocks through the given servers and writes them (see the module docstring)."""
+class TargetPool:
+    """One client per target; work goes to the targets that answer.
 
-    def __init__(self, targets, client_options, layer, pool, output, metadata):
+    :meth:`run` splits items over the live targets; items a target fails with a transient
+    status go to the others in the next round, and that target rests (5 s, doubling up to
+    40 s) before it gets work again. Items still failing after the last round get None.
+    """
+
+    def __init__(self, targets: Sequence[str], client_options: dict[str, Any]):
         from esmc_client.client import ESMCClient
 
         retry = _CLIENT_RETRY if len(targets) > 1 else RetryPolicy()
@@ -399,30 +407,23 @@ class ServerEmbedActor:
         self._clients = [ESMCClient(target, **options) for target in targets]
         self._rest_until = [0.0] * len(targets)
         self._rest_s = [_REST_S] * len(targets)
-        self._options = {"layer": layer, "pool": pool, "batch_size": 32, "concurrency": 4}
-        self._store = PartStore(output, metadata)
-        self._probed = False
 
-    def __call__(self, batch):
-        if not self._probed:  # at the first block: a job with nothing to do computes nothing
-            [probe] = self._embed([("probe", "M")])
-            if probe is not None:  # None: no target answered yet; the blocks retry them
-                _check_probe(probe, "the targets", self._options["layer"], self._options["pool"])
-            self._probed = True
-        records = list(zip(batch["id"].to_pylist(), batch["sequence"].to_pylist()))
-        return self._store.write(records, self._embed(records))
-
-    def _embed(self, records: list[tuple[str, str]]) -> list[EmbedResult | None]:
-        """One result per record; None for those every round failed transiently."""
-        results: list[EmbedResult | None] = [None] * len(records)
-        todo = list(range(len(records)))
+    def run(self, items: list, call: Callable[[Any, list], list]) -> list:
+        """``call(client, some items)`` -> one result per item (with an ``error``), per item."""
+        results: list = [None] * len(items)
+        todo = list(range(len(items)))
         for round_ in range(_FAILOVER_ROUNDS):
             if round_:
                 time.sleep(min(_REST_S, 0.5 * 2**round_))
             live = self._live()
             shares = [(t, todo[k :: len(live)]) for k, t in enumerate(live)]
+
+            def on(share: tuple[int, list[int]]) -> list:
+                target, indices = share
+                return call(self._clients[target], [items[i] for i in indices]) if indices else []
+
             with ThreadPoolExecutor(len(shares)) as pool:
-                answers = list(pool.map(lambda share: self._on(*share, records), shares))
+                answers = list(pool.map(on, shares))
             todo = []
             for (target, share), answer in zip(shares, answers):
                 failed = [i for i, r in zip(share, answer) if _transient(r)]
@@ -435,11 +436,6 @@ class ServerEmbedActor:
                 break
         return results
 
-    def _on(self, target: int, share: list[int], records) -> list[EmbedResult]:
-        if not share:
-            return []
-        return self._clients[target].embed([records[i] for i in share], **self._options)
-
     def _live(self) -> list[int]:
         now = time.monotonic()
         live = [t for t, until in enumerate(self._rest_until) if until <= now]
@@ -451,6 +447,29 @@ class ServerEmbedActor:
             self._rest_s[target] = min(8 * _REST_S, 2 * self._rest_s[target])
         else:
             self._rest_s[target] = _REST_S
+
+
+class ServerEmbedActor:
+    """Embeds blocks through the given servers and writes them (see the module docstring)."""
+
+    def __init__(self, targets, client_options, layer, pool, output, metadata):
+        self._targets = TargetPool(targets, client_options)
+        self._options = {"layer": layer, "pool": pool, "batch_size": 32, "concurrency": 4}
+        self._store = PartStore(output, metadata)
+        self._probed = False
+
+    def __call__(self, batch):
+        if not self._probed:  # at the first block: a job with nothing to do computes nothing
+            [probe] = self._targets.run([("probe", "M")], self._embed)
+            if probe is not None:  # None: no target answered yet; the blocks retry them
+                _check_probe(probe, "the targets", self._options["layer"], self._options["pool"])
+            self._probed = True
+        records = list(zip(batch["id"].to_pylist(), batch["sequence"].to_pylist()))
+        results = self._targets.run(records, self._embed)
+        return self._store.write(records, results, embedding_table)
+
+    def _embed(self, client, records: list[tuple[str, str]]) -> list[EmbedResult]:
+        return client.embed(records, **self._options)
 
 
 class EngineEmbedActor:
@@ -468,7 +487,8 @@ class EngineEmbedActor:
                 self._start()
         records = list(zip(batch["id"].to_pylist(), batch["sequence"].to_pylist()))
         results = self._embedder.embed(records, layer=self._layer, pool=self._pool)
-        return self._store.write(records, [None if _transient(r) else r for r in results])
+        kept = [None if _transient(r) else r for r in results]
+        return self._store.write(records, kept, embedding_table)
 
     def _start(self) -> None:
         from esmc_server.embedder import LocalEmbedder
@@ -483,7 +503,8 @@ class EngineEmbedActor:
         self._embedder = embedder
 
 
-def _transient(result: EmbedResult) -> bool:
+def _transient(result: Any) -> bool:
+    """A result (with an ``error``) that says nothing about its input: retry it later."""
     return result.error is not None and result.error.code in TRANSIENT_CODES
 
 
@@ -540,60 +561,67 @@ class PartStore:
                     f"{key}={metadata.get(key)!r}; use another output directory"
                 )
 
-    def write(self, records: list[tuple[str, str]], results: list[EmbedResult | None]):
-        """Write the records that have a result as one part; the block's counts as a table."""
+    def write(self, records: list[tuple], results: list, build: Callable) -> Any:
+        """Write the records that have a result as one part, the table ``build(kept,
+        metadata)`` makes of ``(record, result)`` pairs; the block's counts as a table."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        kept = [(uid, seq, r) for (uid, seq), r in zip(records, results) if r is not None]
+        kept = [(record, r) for record, r in zip(records, results) if r is not None]
         stats = {
             "written": [len(kept)],
-            "errors": [sum(1 for _, _, r in kept if r.error is not None)],
+            "errors": [sum(1 for _, r in kept if r.error is not None)],
             "unfinished": [len(records) - len(kept)],
         }
         if kept:
-            table = self._table(kept)
-            digest = hashlib.sha256("\n".join(uid for uid, _, _ in kept).encode()).hexdigest()
-            final = f"{self._base}/part-{digest[:32]}.parquet"
+            table = build(kept, self._metadata)
+            table = table.replace_schema_metadata({f"esmc.{k}": str(v) for k, v in self._metadata.items()})
+            ids = "\n".join(str(record[0]) for record, _ in kept)
+            final = f"{self._base}/part-{hashlib.sha256(ids.encode()).hexdigest()[:32]}.parquet"
             temporary = f"{self._base}/.tmp-{uuid.uuid4().hex}.parquet"
             with self._fs.open_output_stream(temporary) as sink:
                 pq.write_table(table, sink)
             self._fs.move(temporary, final)
         return pa.table(stats)
 
-    def _table(self, kept: list[tuple[str, str, EmbedResult]]):
-        import pyarrow as pa
 
-        d = int(self._metadata["d_model"])
-        per_residue = self._metadata["pooling"] == "none"
-        vectors = np.zeros((len(kept), d), np.float32)
-        rows: list[np.ndarray | None] = []
-        for k, (_, _, result) in enumerate(kept):
-            if result.error is not None:
-                rows.append(None)
-            elif per_residue:
-                rows.append(np.asarray(result.embedding, np.float32))
-                vectors[k] = rows[-1][1:-1].mean(axis=0, dtype=np.float64)
-            else:
-                vectors[k] = result.embedding
-        failed = np.array([r.error is not None for _, _, r in kept])
-        vector_type = pa.list_(pa.float32(), d)
-        columns = {
-            "id": pa.array([uid for uid, _, _ in kept], pa.string()),
-            "sequence_length": pa.array([_residues(seq) for _, seq, _ in kept], pa.int32()),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.ravel()), d, mask=pa.array(failed)
-            ),
-        }
-        if per_residue:
-            columns["per_residue"] = pa.array(
-                [None if r is None else list(r) for r in rows], pa.list_(vector_type)
-            )
-        columns["error"] = pa.array(
-            [None if r.error is None else str(r.error) for _, _, r in kept], pa.string()
+def embedding_table(kept: list[tuple[tuple[str, str], EmbedResult]], metadata: dict[str, str]):
+    """``id``, ``sequence_length``, ``embedding`` (and ``per_residue``), ``error``."""
+    import pyarrow as pa
+
+    d = int(metadata["d_model"])
+    per_residue = metadata["pooling"] == "none"
+    vectors = np.zeros((len(kept), d), np.float32)
+    rows: list[np.ndarray | None] = []
+    for k, (_, result) in enumerate(kept):
+        if result.error is not None:
+            rows.append(None)
+        elif per_residue:
+            rows.append(np.asarray(result.embedding, np.float32))
+            vectors[k] = rows[-1][1:-1].mean(axis=0, dtype=np.float64)
+        else:
+            vectors[k] = result.embedding
+    failed = np.array([r.error is not None for _, r in kept])
+    columns = {
+        "id": pa.array([uid for (uid, _), _ in kept], pa.string()),
+        "sequence_length": pa.array([_residues(seq) for (_, seq), _ in kept], pa.int32()),
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.ravel()), d, mask=pa.array(failed)
+        ),
+    }
+    if per_residue:
+        columns["per_residue"] = pa.array(
+            [None if r is None else list(r) for r in rows], pa.list_(pa.list_(pa.float32(), d))
         )
-        metadata = {f"esmc.{k}": str(v) for k, v in self._metadata.items()}
-        return pa.table(columns).replace_schema_metadata(metadata)
+    columns["error"] = error_column(r for _, r in kept)
+    return pa.table(columns)
+
+
+def error_column(results: Iterable[Any]):
+    """The ``error`` column: ``CODE: message`` of each result's error, or null."""
+    import pyarrow as pa
+
+    return pa.array([None if r.error is None else str(r.error) for r in results], pa.string())
 
 
 def _read_schema(fs, path: str):
@@ -633,14 +661,15 @@ def _progress_bar(enabled: bool):
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    """``esmc ray-embed``: registered by :func:`esmc_client.cli.build_parser`."""
+    """``esmc ray-embed`` and ``esmc ray-score``: registered by :mod:`esmc_client.cli`."""
+    from esmc_client import ray_score
+
     p = sub.add_parser(
         "ray-embed", parents=[common],
         help="embed FASTA/parquet/CSV shards on a Ray cluster into a parquet directory",
     )
     p.add_argument("inputs", nargs="+", help=f"{', '.join(FASTA_SUFFIXES)}, .parquet, .csv or directories")
-    p.add_argument("-o", "--output", required=True, help="output directory (or s3://..., gs://...)")
-    p.add_argument("--targets", help="servers host:port,host:port (default: --target)")
+    add_job_arguments(p)
     p.add_argument("--in-process", action="store_true", help="model actors, no servers")
     p.add_argument("--model", default="esmc-tiny", help="with --in-process: the model to load")
     p.add_argument("--device", default="auto", help="with --in-process: auto, cpu, cuda")
@@ -648,61 +677,57 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="with --in-process: the engine's token budget per forward")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="with --in-process")
-    p.add_argument("--cpus-per-actor", type=float, default=None,
-                   help="CPUs Ray reserves per actor (default 0.25 with servers, 1 in-process)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="actors (default: 2 per target; 1 in-process)")
     p.add_argument("--layer", type=int, default=-1,
                    help="-1 final embeddings, 0..n-1 a block's output, -2.. from the end")
     p.add_argument("--pool", choices=("mean", "none"), default="mean",
                    help="none also writes per-residue rows")
-    p.add_argument("--batch-size", type=int, default=256, help="sequences per actor call")
+    p.set_defaults(run=cmd_ray_embed)
+    ray_score.add_parser(sub, common)
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every Ray job command shares."""
+    p.add_argument("-o", "--output", required=True, help="output directory (or s3://..., gs://...)")
+    p.add_argument("--targets", help="servers host:port,host:port (default: --target)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="actors (default: 2 per target; 1 in-process)")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="CPUs Ray reserves per actor (default 0.25 with servers, 1 in-process)")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per actor call")
     p.add_argument("--id-column", default="id", help="parquet/CSV id column")
     p.add_argument("--sequence-column", default="sequence", help="parquet/CSV sequence column")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
-    p.set_defaults(run=cmd_ray_embed)
 
 
-def cmd_ray_embed(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, job: Callable[[dict[str, Any]], JobSummary]) -> int:
+    """Start Ray (unless it runs already), run ``job(options shared by every job)``, print
+    the summary; exit 0 when every id has a row without an error, 1 otherwise, 2 on bad
+    arguments or a missing ``[ray]`` extra."""
     try:
         import ray
         import ray.data
     except ImportError:
-        print("esmc ray-embed needs the ray extra: pip install 'esmc-serve[ray]'", file=sys.stderr)
+        print(f"esmc {args.command} needs the ray extra: pip install 'esmc-serve[ray]'",
+              file=sys.stderr)
         return 2
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     started = not ray.is_initialized()
     if started:
         ray.init(address=args.address, log_to_driver=progress)
     ray.data.DataContext.get_current().enable_progress_bars = progress
-    common = {
-        "layer": args.layer, "pool": args.pool, "batch_size": args.batch_size,
-        "progress": progress, "id_column": args.id_column, "sequence_column": args.sequence_column,
+    shared = {
+        "batch_size": args.batch_size, "progress": progress, "id_column": args.id_column,
+        "sequence_column": args.sequence_column,
     }
     if args.cpus_per_actor is not None:
-        common["cpus_per_actor"] = args.cpus_per_actor
+        shared["cpus_per_actor"] = args.cpus_per_actor
     try:
-        if args.in_process:
-            options = {"device": args.device, "dtype": args.dtype}
-            if args.max_batch_tokens is not None:
-                from esmc_server.config import BatchingConfig
-
-                options["batching"] = BatchingConfig(max_batch_tokens=args.max_batch_tokens)
-            summary = embed_in_process(
-                args.inputs, args.output, args.model, embedder_options=options,
-                concurrency=args.concurrency or 1, gpus_per_actor=args.gpus_per_actor, **common,
-            )
-        else:
-            targets = [t.strip() for t in (args.targets or args.target).split(",") if t.strip()]
-            summary = embed_with_servers(
-                args.inputs, args.output, targets, client_options=client_options(args),
-                concurrency=args.concurrency, **common,
-            )
+        summary = job(shared)
     except ValueError as error:
-        print(f"esmc ray-embed: {error}", file=sys.stderr)
+        print(f"esmc {args.command}: {error}", file=sys.stderr)
         return 2
     finally:
         if started:
@@ -710,6 +735,31 @@ def cmd_ray_embed(args: argparse.Namespace) -> int:
     print(summary.line(), file=sys.stderr)
     print(json.dumps({"summary": summary.__dict__}))
     return 0 if summary.complete and summary.errors == 0 else 1
+
+
+def targets_of(args: argparse.Namespace) -> list[str]:
+    return [t.strip() for t in (args.targets or args.target).split(",") if t.strip()]
+
+
+def cmd_ray_embed(args: argparse.Namespace) -> int:
+    def job(shared: dict[str, Any]) -> JobSummary:
+        shared = {**shared, "layer": args.layer, "pool": args.pool}
+        if not args.in_process:
+            return embed_with_servers(
+                args.inputs, args.output, targets_of(args), client_options=client_options(args),
+                concurrency=args.concurrency, **shared,
+            )
+        options = {"device": args.device, "dtype": args.dtype}
+        if args.max_batch_tokens is not None:
+            from esmc_server.config import BatchingConfig
+
+            options["batching"] = BatchingConfig(max_batch_tokens=args.max_batch_tokens)
+        return embed_in_process(
+            args.inputs, args.output, args.model, embedder_options=options,
+            concurrency=args.concurrency or 1, gpus_per_actor=args.gpus_per_actor, **shared,
+        )
+
+    return run_command(args, job)
 
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
