@@ -61,6 +61,7 @@ TRANSIENT_CODES = (
 RESUME_KEYS = ("kind", "model", "layer", "pooling", "method", "normalization")
 """Metadata a resumed job must share with the parts already written."""
 FASTA_BLOCK_RECORDS = 4096
+READ_CPUS = 0.5  # reading is I/O: a whole CPU per read task starved the actors on 2-CPU nodes
 _CLIENT_RETRY = RetryPolicy(max_retries=2, initial_backoff_s=0.2, max_backoff_s=1.0, ride_out_s=2.0)
 """Short: a target that stays down hands its sequences to the others (a lone target gets
 the client's usual 30 s ride-out of a restart)."""
@@ -263,7 +264,10 @@ def run_job(
     summary = JobSummary(output=output, already_done=len(done))
     pending = (
         read_inputs(inputs, columns or {"id": "id", "sequence": "sequence"}, batch_size)
-        .map_batches(drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow")
+        .map_batches(
+            drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow",
+            num_cpus=READ_CPUS,
+        )
         .repartition(target_num_rows_per_block=batch_size)  # one actor call per block
     )
     pool = ray.data.ActorPoolStrategy(
@@ -323,7 +327,7 @@ def read_inputs(inputs: Sequence[str], columns: dict[str, str], rows: int = FAST
         raise ValueError(f"FASTA has no {', '.join(sorted(set(columns) - {'id', 'sequence'}))} column")
     return ray.data.from_items(files).map_batches(
         read_blocks, fn_kwargs={"columns": columns, "rows": rows}, batch_size=1,
-        batch_format="pyarrow",
+        batch_format="pyarrow", num_cpus=READ_CPUS,
     )
 
 
