@@ -345,6 +345,23 @@ def test_tls_matrix(loop, model, pki):
             assert health_of(channel) == SERVING
 
 
+def test_plaintext_health_port_beside_mutual_tls(loop, model, pki):
+    """Kubernetes' gRPC probes cannot do TLS: --health-port serves health alone in plaintext."""
+    settings = dict(tls_cert=pki["server.pem"], tls_key=pki["server.key"],
+                    tls_client_ca=pki["ca.pem"], health_port=0)
+    with serving(loop, model, **settings) as served:
+        probe_target = f"127.0.0.1:{served.server.health_port}"
+        with grpc.insecure_channel(probe_target) as channel:
+            assert health_of(channel) == SERVING
+            with pytest.raises(grpc.RpcError) as error:  # nothing else is served there
+                grpc_info = channel.unary_unary("/esmc.v1.ESMC/Info")
+                grpc_info(b"", timeout=10)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        asyncio.run_coroutine_threadsafe(served.server.stop(1), loop).result(30)
+        with grpc.insecure_channel(probe_target) as channel, pytest.raises(grpc.RpcError):
+            health_of(channel)  # gone with the server
+
+
 def test_mutual_tls_matrix(loop, model, pki):
     settings = dict(
         tls_cert=pki["server.pem"], tls_key=pki["server.key"], tls_client_ca=pki["ca.pem"]

@@ -28,7 +28,7 @@ from esmc.weights import default_device
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_server.config import ServerConfig
 from esmc_server.metrics import Metrics
-from esmc_server.security import Security, connection_options
+from esmc_server.security import Security, connection_options, start_health_server
 from esmc_server.servicer import SERVICE_NAME, ESMCServicer
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ class Server:
         self.servicer = servicer
         self.metrics = metrics
         self.security: Security | None = None
+        self.health_server: grpc.aio.Server | None = None  # plaintext health-only port
+        self.health_port: int | None = None
         self.port: int = 0
         self.metrics_port: int | None = None
         self.http = None  # esmc_server.http.HttpFront when config.http_port is set
@@ -171,6 +173,8 @@ class Server:
         self.servicer.detach()
         if self.engine is not None:
             await self.engine.stop(max(0.0, deadline - time.monotonic()))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self.servicer.close()
         self.metrics.close()
         log.info("server stopped")
@@ -222,6 +226,10 @@ async def create_server(
         torch.set_num_threads(config.threads)
     await grpc_server.start()
     try:
+        if config.health_port is not None:
+            server.health_server, server.health_port = await start_health_server(
+                health, config.host, config.health_port
+            )
         await _start_engine(server, config, engine, model)
         if config.metrics_port is not None:
             server.metrics_port = metrics.serve(config.host, config.metrics_port)
@@ -231,6 +239,8 @@ async def create_server(
             server.http = await start_http(server, config.host, config.http_port)
     except BaseException:
         await grpc_server.stop(0)
+        if server.health_server is not None:
+            await server.health_server.stop(0)
         if server.engine is not None:
             await server.engine.stop(0)
         servicer.close()

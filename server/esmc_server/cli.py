@@ -146,6 +146,11 @@ def _add_shared_service_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--keepalive-time-s", type=float, help="ping idle connections (default 60)")
     g.add_argument(
+        "--health-port",
+        type=int,
+        help="plaintext gRPC port serving only grpc.health.v1 (for probes that cannot do TLS)",
+    )
+    g.add_argument(
         "--keepalive-timeout-s", type=float, help="close after an unanswered ping (default 20)"
     )
 
@@ -182,6 +187,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "max_connection_age_grace_s": args.max_connection_age_grace_s,
         "keepalive_time_s": args.keepalive_time_s,
         "keepalive_timeout_s": args.keepalive_timeout_s,
+        "health_port": args.health_port,
         "max_score_forwards": args.max_score_forwards,
         "generation_window": args.generation_window,
         "fatal_exit_s": args.fatal_exit_s,

@@ -69,6 +69,7 @@ class ServerConfig:
     keepalive_timeout_s: float = 20.0  # a ping unanswered this long closes the connection
     keepalive_permit_without_calls: bool = True  # accept client pings with no call open
     min_client_ping_interval_s: float = 10.0  # clients pinging faster get GOAWAY too_many_pings
+    health_port: int | None = None  # plaintext gRPC port with only grpc.health.v1 (probes)
     forward_timeout_s: float | None = 600.0  # a forward running longer is fatal (None: no limit)
     fatal_exit_s: float = 3.0  # after a fatal engine fault, `esmc serve` exits 1 this much later
     # --- service-layer settings (limits, streams, shutdown, threads) ---
@@ -109,6 +110,8 @@ class ServerConfig:
         )
         for name in ("max_connection_age_grace_s", "min_client_ping_interval_s"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0")
+        if self.health_port is not None:
+            _check(0 <= self.health_port < 65536, f"health_port {self.health_port} is out of range")
         for name in ("keepalive_time_s", "keepalive_timeout_s"):
             _check(getattr(self, name) > 0, f"{name} must be > 0")
         _check(self.max_score_forwards >= 1, "max_score_forwards must be >= 1")
@@ -225,6 +228,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "keepalive_timeout_s": float,
     "keepalive_permit_without_calls": _parse_bool,
     "min_client_ping_interval_s": float,
+    "health_port": _parse_optional_port,
     "generation_window": int,
     "forward_timeout_s": _parse_optional_seconds,
     "fatal_exit_s": float,

@@ -10,7 +10,9 @@
   ``max_connection_age_grace_s`` to finish. Keepalive pings find dead peers (a replica that
   vanished without closing its sockets) and keep idle connections through NATs/proxies.
 
-The metrics endpoint is not covered: it stays plaintext HTTP on its own port.
+The metrics endpoint is not covered: it stays plaintext HTTP on its own port. So does the
+optional ``health_port``: a plaintext gRPC port that serves only ``grpc.health.v1``, for
+probes that cannot speak TLS (Kubernetes' native gRPC probes).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import threading
 from pathlib import Path
 
 import grpc
+
+from grpc_health.v1 import health_pb2_grpc
 
 from esmc_server.auth import AuthInterceptor, TokenStore
 from esmc_server.config import ServerConfig
@@ -137,3 +141,14 @@ class Security:
                 log.error("TLS files not reloaded, the previous ones stay in force: %s", e)
             else:
                 log.info("TLS files reloaded; new connections use them")
+
+
+async def start_health_server(health, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """A plaintext gRPC server with only ``health`` (the main server's health servicer)."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the health port {host}:{port}")
+    await server.start()
+    return server, bound
