@@ -235,7 +235,7 @@ def kill_one(replicas: list[ServeProcess], steps_seen: list[int]) -> dict:
 
 def restart_and_rejoin(client, replicas, victim: int, weights: str, options) -> float:
     """Start the killed replica again on its port: the same client channel reconnects (its
-    reconnect backoff is capped at 5 s) and round robin sends it calls again."""
+    reconnect backoff is capped at 2 s) and round robin sends it calls again."""
     killed = replicas[victim]
     killed.__exit__(None, None, None)  # already dead: removes its log
     replicas[victim] = ServeProcess(weights, options, port=killed.port)

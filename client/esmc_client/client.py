@@ -34,6 +34,7 @@ from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, chann
 from esmc_client.replay import GenerationReplay, replay_seed
 from esmc_client.scoring import AsyncScoringCalls, ScoringCalls
 from esmc_client.security import auth_metadata, tls_credentials
+from esmc_client.tracing import trace_metadata
 from esmc_client.requests import ProteinLike
 from esmc_client.retry import CallRetries, RetryBudget, RetryPolicy
 from esmc_client.types import (
@@ -82,10 +83,11 @@ class _ClientBase:
         raise NotImplementedError
 
     def _kwargs(self, timeout: float | None) -> dict[str, Any]:
+        metadata = (self._metadata or ()) + trace_metadata()
         return {
             "timeout": timeout,
             "wait_for_ready": self._wait_for_ready,
-            "metadata": self._metadata,
+            "metadata": metadata or None,
         }
 
     def _retries(self, timeout: float | None) -> CallRetries:

@@ -26,6 +26,7 @@ from esmc.model import ESMC
 from esmc.runtime import resolve_dtype
 from esmc.weights import default_device
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_server import tracing
 from esmc_server.config import ServerConfig
 from esmc_server.metrics import Metrics
 from esmc_server.security import Security, connection_options, start_health_server
@@ -117,6 +118,7 @@ class Server:
         self.security: Security | None = None
         self.health_server: grpc.aio.Server | None = None  # plaintext health-only port
         self.health_port: int | None = None
+        self.tracer_provider = None  # one this server made (flushed and shut down at stop)
         self.port: int = 0
         self.metrics_port: int | None = None
         self.http = None  # esmc_server.http.HttpFront when config.http_port is set
@@ -175,6 +177,8 @@ class Server:
             await self.engine.stop(max(0.0, deadline - time.monotonic()))
         if self.health_server is not None:
             await self.health_server.stop(0)
+        if self.tracer_provider is not None:
+            await asyncio.to_thread(self.tracer_provider.shutdown)
         self.servicer.close()
         self.metrics.close()
         log.info("server stopped")
@@ -184,27 +188,33 @@ class Server:
 
 
 async def create_server(
-    config: ServerConfig, engine=None, model: ESMC | None = None
+    config: ServerConfig, engine=None, model: ESMC | None = None, *, tracer_provider=None
 ) -> tuple[Server, int]:
     """Start serving ``config``; returns once health is SERVING, with the bound gRPC port.
 
     Without ``engine`` one is built over ``model`` (loaded from ``config.model`` when None)
     with this server's metrics as its observer. A given ``engine`` must expose ``.model`` or
-    come with ``model``. ``config.port`` 0 binds a free port.
+    come with ``model``. ``config.port`` 0 binds a free port. ``tracer_provider`` (an
+    OpenTelemetry TracerProvider) turns tracing on, as ``config.otlp_endpoint`` does.
     """
     metrics = Metrics()
     security = Security(
         config, on_refused=lambda method: metrics.on_request(_short(method), "UNAUTHENTICATED", 0.0)
     )
     security.warn_if_unsafe()
+    owned_provider = None
+    if tracer_provider is None and config.otlp_endpoint:
+        tracer_provider = owned_provider = tracing.otlp_tracer_provider(config.otlp_endpoint)
+    tracers = [tracing.TracingInterceptor(tracer_provider)] if tracer_provider else []
     grpc_server = grpc.aio.server(
         options=server_options(config) + connection_options(config),
-        interceptors=security.interceptors,
+        interceptors=tracers + security.interceptors,  # traced first: refusals show too
     )
     health = health_aio.HealthServicer()
     servicer = ESMCServicer(config, metrics)
     server = Server(config, grpc_server, health, servicer, metrics)
     server.security = security
+    server.tracer_provider = owned_provider
     await server.set_serving(False)
     add_servicer(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)

@@ -151,6 +151,11 @@ def _add_shared_service_flags(p: argparse.ArgumentParser) -> None:
         help="plaintext gRPC port serving only grpc.health.v1 (for probes that cannot do TLS)",
     )
     g.add_argument(
+        "--otlp-endpoint",
+        help="OpenTelemetry collector, e.g. http://otel-collector:4317: a span per RPC "
+        "(needs the [otel] extra)",
+    )
+    g.add_argument(
         "--keepalive-timeout-s", type=float, help="close after an unanswered ping (default 20)"
     )
 
@@ -188,6 +193,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "keepalive_time_s": args.keepalive_time_s,
         "keepalive_timeout_s": args.keepalive_timeout_s,
         "health_port": args.health_port,
+        "otlp_endpoint": args.otlp_endpoint,
         "max_score_forwards": args.max_score_forwards,
         "generation_window": args.generation_window,
         "fatal_exit_s": args.fatal_exit_s,

@@ -70,6 +70,7 @@ class ServerConfig:
     keepalive_permit_without_calls: bool = True  # accept client pings with no call open
     min_client_ping_interval_s: float = 10.0  # clients pinging faster get GOAWAY too_many_pings
     health_port: int | None = None  # plaintext gRPC port with only grpc.health.v1 (probes)
+    otlp_endpoint: str | None = None  # OpenTelemetry collector (OTLP/gRPC); None: no tracing
     forward_timeout_s: float | None = 600.0  # a forward running longer is fatal (None: no limit)
     fatal_exit_s: float = 3.0  # after a fatal engine fault, `esmc serve` exits 1 this much later
     # --- service-layer settings (limits, streams, shutdown, threads) ---
@@ -229,6 +230,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "keepalive_permit_without_calls": _parse_bool,
     "min_client_ping_interval_s": float,
     "health_port": _parse_optional_port,
+    "otlp_endpoint": _parse_optional_path,
     "generation_window": int,
     "forward_timeout_s": _parse_optional_seconds,
     "fatal_exit_s": float,

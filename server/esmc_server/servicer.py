@@ -32,7 +32,7 @@ from esmc import tokenizer
 from esmc.model import ESMC
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
-from esmc_server import convert
+from esmc_server import convert, tracing
 from esmc_server.config import ServerConfig
 from esmc_server.errors import Cancelled, InternalError, InvalidRequest
 from esmc_server.errors import ServiceError, Unavailable
@@ -288,6 +288,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             result = await served.engine.logits(
                 tokens, config, deadline=deadline_of(context), dtype=convert.torch_dtype(dtype)
             )
+            tracing.engine_done(result.timing)
             metadata = convert.metadata_to_proto(result.timing)
             return await self._build(
                 convert.logits_response_serialized, result.output, layers, dtype, metadata
@@ -306,6 +307,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             output, timing = await served.engine.forward_and_sample(
                 tokens, sampling, convert.seed_of(request), deadline=deadline_of(context)
             )
+            tracing.engine_done(timing)
             metadata = convert.metadata_to_proto(timing)
             return await self._build(convert.forward_and_sample_response, output, dtype, metadata)
 
@@ -365,6 +367,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         result = await served.engine.logits(
             tokens, config, deadline=deadline, dtype=convert.torch_dtype(dtype)
         )
+        tracing.engine_done(result.timing, request.id)
         metadata = convert.metadata_to_proto(result.timing)
         return await self._build(
             convert.embed_response_serialized, request.id, result.output, config, dtype, metadata
@@ -407,6 +410,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             async for event in events:
                 if last_sent is None or event.step.step != last_sent.step:
                     totals.add(event.timing)
+                    tracing.engine_done(event.timing)
                     metadata = convert.metadata_to_proto(event.timing)
                     response = await self._build(
                         convert.generation_step_response, event.step, metadata
