@@ -9,7 +9,13 @@ after the other, with the same settings except batching:
 
 - ``dynamic``: the server's dynamic batching (its limits, or ``--max-batch-tokens`` /
   ``--max-wait-ms`` when given);
-- ``off``: ``--max-batch-size 1``, one sequence per forward.
+- ``off``: ``--max-batch-size 1``, one sequence per forward;
+- ``tls+auth``: dynamic batching behind TLS (a throwaway CA and certificate made with
+  ``trustme``) and bearer-token auth, the clients sending the token over TLS: the cost of
+  running as a secured shared service, against ``dynamic`` in the same run.
+
+``--rounds N`` runs the modes N times, interleaved (dynamic, off, tls+auth, dynamic, ...), one
+row per mode and round, so that drift of a shared machine shows instead of favouring a mode.
 
 The clients are ``AsyncESMCClient`` objects, each with its own channel, in one asyncio loop
 of this process. Each makes one untimed call (its connection opens), then all take the next
@@ -41,7 +47,8 @@ import torch
 from benchmarks import common
 from esmc_client import AsyncESMCClient, ESMCError, LogitsConfig, ResponseMetadata, ServerInfo
 
-MODES = ("dynamic", "off")
+MODES = ("dynamic", "off", "tls+auth")
+TOKEN = "bench-token-0123456789abcdef"
 OUTPUTS = {
     "mean_embedding": LogitsConfig(return_mean_embedding=True),
     "logits": LogitsConfig(sequence=True),
@@ -90,10 +97,11 @@ async def run_clients(
     records: Sequence[tuple[str, str]],
     clients: int,
     config: LogitsConfig,
+    client_options: dict | None = None,
 ) -> tuple[list[Call], float, dict]:
     """All proteins through ``clients`` concurrent clients: the calls, the wall seconds, and
     how much the server's counters grew meanwhile (the untimed first calls excluded)."""
-    opened = [AsyncESMCClient(served.target) for _ in range(clients)]
+    opened = [AsyncESMCClient(served.target, **(client_options or {})) for _ in range(clients)]
     try:
         await asyncio.gather(*(c.logits(records[0][1], config) for c in opened))  # untimed
         before = await asyncio.to_thread(common.scrape_metrics, served.metrics_url)
@@ -108,8 +116,8 @@ async def run_clients(
     return calls, seconds, common.counter_deltas(before, after, COUNTERS)
 
 
-async def server_info(target: str) -> ServerInfo:
-    async with AsyncESMCClient(target) as client:
+async def server_info(target: str, client_options: dict | None = None) -> ServerInfo:
+    async with AsyncESMCClient(target, **(client_options or {})) as client:
         return await client.info()
 
 
@@ -120,13 +128,37 @@ def run_mode(
     """Start a server for ``mode`` (weights in ``dtype``; None: ``--dtype``), send it
     ``records`` (fitted to its limit), stop it."""
     options = server_options(mode, args, dtype)
-    with common.serve(model, options, args.server_threads) as served:
-        info = asyncio.run(server_info(served.target))
+    client_options, credentials = {}, None
+    if mode == "tls+auth":
+        extra, client_options, credentials = secured(Path(args.secrets_dir))
+        options += extra
+    with common.serve(model, options, args.server_threads, credentials=credentials) as served:
+        info = asyncio.run(server_info(served.target, client_options))
         workload = fit_workload(records, info.max_length - 2, args.long)
         calls, seconds, counters = asyncio.run(
-            run_clients(served, workload.records, args.clients, OUTPUTS[args.output])
+            run_clients(served, workload.records, args.clients, OUTPUTS[args.output],
+                        client_options)
         )
     return result_row(mode, info, calls, seconds, counters), info, workload
+
+
+def secured(directory: Path) -> tuple[list[str], dict, object]:
+    """Server flags, client arguments and probe credentials for TLS + a bearer token
+    (certificates from a throwaway ``trustme`` CA, written to ``directory``)."""
+    import grpc
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {name: directory / name for name in ("ca.pem", "server.pem", "server.key", "tokens")}
+    ca.cert_pem.write_to_path(str(paths["ca.pem"]))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(paths["server.pem"]))
+    cert.private_key_pem.write_to_path(str(paths["server.key"]))
+    paths["tokens"].write_text(TOKEN + "\n")
+    flags = ["--tls-cert", str(paths["server.pem"]), "--tls-key", str(paths["server.key"]),
+             "--auth-tokens-file", str(paths["tokens"])]
+    client = {"token": TOKEN, "root_certificates": str(paths["ca.pem"])}
+    return flags, client, grpc.ssl_channel_credentials(ca.cert_pem.bytes())
 
 
 def fit_workload(records: list[tuple[str, str]], max_residues: int, policy: str) -> Workload:
@@ -157,6 +189,8 @@ def describe(mode: str, info: ServerInfo) -> str:
     limits = info.batching
     if mode == "off":
         return "off (--max-batch-size 1)"
+    if mode == "tls+auth":
+        return "dynamic, TLS + bearer token (same limits)"
     layout = "packed" if limits.packed else "length-sorted padded"
     return (
         f"dynamic ({layout}, <= {limits.max_batch_tokens:,} tokens and "
@@ -199,21 +233,21 @@ def result_row(
 
 def table_lines(rows: list[dict]) -> list[str]:
     baselines = {r["dtype"]: r["proteins_per_s"] for r in rows if r["mode"] == "off"}
-    headers = ["batching", "weights", "proteins/s", "tokens/s", "p50 ms", "p99 ms",
+    headers = ["batching", "weights", "round", "proteins/s", "tokens/s", "p50 ms", "p99 ms",
                "mean batch size (per call)", "forwards", "sequences/forward", "speedup vs off"]
     cells = []
     for r in rows:
         baseline = baselines.get(r["dtype"])  # the same weights dtype without batching
         speedup = f"{r['proteins_per_s'] / baseline:.1f}x" if baseline else "-"
         cells.append([
-            r["description"], r["dtype"], common.format_number(r["proteins_per_s"]),
+            r["description"], r["dtype"], str(r.get("round", 1)), common.format_number(r["proteins_per_s"]),
             common.format_number(round(r["tokens_per_s"])),
             common.format_number(r["latency_ms"]["p50"]),
             common.format_number(r["latency_ms"]["p99"]),
             common.format_number(r["mean_batch_size"]), common.format_number(r["forwards"]),
             common.format_number(r["sequences_per_forward"]), speedup,
         ])
-    return [common.markdown_table(headers, cells, numeric_from=2)]
+    return [common.markdown_table(headers, cells, numeric_from=3)]
 
 
 def header_lines(
@@ -260,6 +294,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated server dtypes (e.g. float32,bfloat16): every mode is run once per "
         "dtype in the same run, one row each (default: --dtype alone)",
     )
+    parser.add_argument("--rounds", type=int, default=1, help="run the modes N times, interleaved")
     args = parser.parse_args(argv)
     args.modes = common.parse_modes(parser, args.modes, MODES)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.dtypes else []
@@ -279,10 +314,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model, weights_note = common.weights_to_serve(
             args.model, args.weights, Path(directory), args.seed
         )
-        for dtype in args.dtypes or [None]:
-            for mode in args.modes:
-                row, info, workload = run_mode(model, mode, records, args, dtype)
-                rows.append(row)
+        args.secrets_dir = directory
+        for round_ in range(1, args.rounds + 1):
+            for dtype in args.dtypes or [None]:
+                for mode in args.modes:
+                    row, info, workload = run_mode(model, mode, records, args, dtype)
+                    rows.append({**row, "round": round_})
 
     payload = {
         "benchmark": "load",

@@ -204,12 +204,17 @@ class ServedModel:
 
 @contextlib.contextmanager
 def serve(
-    model: str, options: Sequence[str] = (), threads: int | None = None, ready_s: float = 900.0
+    model: str,
+    options: Sequence[str] = (),
+    threads: int | None = None,
+    ready_s: float = 900.0,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> Iterator[ServedModel]:
     """Run ``esmc serve --model MODEL *options`` in its own process until the block ends.
 
     ``threads`` sets the server's CPU threads (``OMP_NUM_THREADS``; None: torch's default).
     Yields once gRPC health says SERVING (model loaded and warmed up); SIGTERM at the end.
+    ``credentials``: what the health probe needs when ``options`` turn TLS on.
     """
     port, metrics_port = free_ports(2)
     command = (
@@ -224,7 +229,7 @@ def serve(
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             target = f"127.0.0.1:{port}"
-            _wait_serving(process, target, log, ready_s)
+            _wait_serving(process, target, log, ready_s, credentials)
             yield ServedModel(target, f"http://127.0.0.1:{metrics_port}/metrics", command)
         finally:
             _terminate(process)
@@ -235,9 +240,15 @@ def threads_note(threads: int | None) -> str:
     return "torch's default CPU threads" if threads is None else f"OMP_NUM_THREADS={threads}"
 
 
-def _wait_serving(process: subprocess.Popen, target: str, log, ready_s: float) -> None:
+def _wait_serving(
+    process: subprocess.Popen, target: str, log, ready_s: float, credentials=None
+) -> None:
     deadline = time.monotonic() + ready_s
-    with grpc.insecure_channel(target) as channel:
+    if credentials is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, credentials)
+    with channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:

@@ -6,34 +6,24 @@ Each process runs torch on one thread (``--threads 1`` where the server has it, 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
-import socket
+import threading
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+
+from helpers_server import free_port, scrape_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def proteome_path() -> Path | None:
@@ -67,9 +57,9 @@ class ServeProcess:
         env: dict[str, str] | None = None,
         ready_s: float = 120.0,
     ):
-        self.port, self.metrics_port = port or free_ports(1)[0], free_ports(1)[0]
+        self.port, self.metrics_port = port or free_port(), free_port()
         while self.metrics_port == self.port:
-            self.metrics_port = free_ports(1)[0]
+            self.metrics_port = free_port()
         self.command = [
             sys.executable, "-m", "esmc_server.cli", "serve", "--model", model,
             "--host", "127.0.0.1", "--port", str(self.port),
@@ -140,14 +130,7 @@ class ServeProcess:
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """The metrics endpoint: ``{(sample name, sorted labels): value}``."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+        return scrape_metrics(self.metrics_port)
 
     def __enter__(self) -> ServeProcess:
         return self.start().wait_serving()
@@ -158,10 +141,36 @@ class ServeProcess:
         os.unlink(self._log.name)
 
 
-def requests_served(metrics: dict[tuple[str, tuple], float], method: str) -> float:
-    """How many ``method`` calls (any status) a server's metrics counted."""
-    return sum(
-        value
-        for (name, labels), value in metrics.items()
-        if name.endswith("_total") and "request" in name and ("method", method) in labels
+# --- in-process servers on their own event-loop thread ----------------------------------------
+
+
+@contextlib.contextmanager
+def loop_thread() -> Iterator[asyncio.AbstractEventLoop]:
+    """An asyncio loop running on a daemon thread (servers there; blocking clients here)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="esmc-test-loop", daemon=True)
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
+@contextlib.contextmanager
+def serving_on(loop, model, metrics: bool = True, tracer_provider=None, **settings):
+    """``create_server`` on ``loop`` with ``model`` on port 0 and ``settings`` (ServerConfig
+    fields); yields the Server (its ``port``, ``metrics_port``...), stopped at the end."""
+    from esmc_server.app import create_server
+    from esmc_server.config import BatchingConfig, ServerConfig
+
+    config = ServerConfig(
+        port=0, metrics_port=0 if metrics else None, warmup=False,
+        batching=BatchingConfig(max_wait_ms=1.0), **settings,
     )
+    coroutine = create_server(config, model=model, tracer_provider=tracer_provider)
+    server, _ = asyncio.run_coroutine_threadsafe(coroutine, loop).result(120)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(2), loop).result(60)

@@ -15,7 +15,6 @@ client channel sends it calls within seconds.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -29,9 +28,7 @@ from esmc.fasta import read_fasta
 from esmc.model import ESMC
 from esmc.weights import save_safetensors
 from esmc_client import ESMCClient, GenerationConfig, LogitsConfig
-from esmc_server.app import create_server
-from esmc_server.config import BatchingConfig, ServerConfig
-from helpers_serve import ServeProcess, proteome_path
+from helpers_serve import ServeProcess, loop_thread, proteome_path, serving_on
 
 pytestmark = pytest.mark.e2e
 
@@ -78,25 +75,14 @@ def generation_config() -> GenerationConfig:
 def single_server_run(weights: str, proteins) -> dict:
     """The reference: the same calls against one in-process server with the same weights."""
     model = ESMC.from_pretrained(weights, device=torch.device("cpu")).eval()
-    config = ServerConfig(port=0, metrics_port=None, warmup=False,
-                          batching=BatchingConfig(max_wait_ms=2.0))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server, port = asyncio.run_coroutine_threadsafe(
-        create_server(config, model=model), loop).result(120)
-    try:
-        with ESMCClient(f"127.0.0.1:{port}") as client:
+    with loop_thread() as loop, serving_on(loop, model, metrics=False) as server:
+        with ESMCClient(f"127.0.0.1:{server.port}") as client:
             embeddings = client.embed(proteins, timeout=300)
             logits = [client.logits(s, LOGITS, timeout=60) for _, s in proteins[:N_LOGITS]]
             generations = [
                 list(client.generate_stream(p, generation_config(), seed, timeout=120))
                 for p, seed in zip(prompts(proteins), SEEDS)
             ]
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(2), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
     return {"embed": embeddings, "logits": logits, "generate": generations}
 
 

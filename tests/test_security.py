@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -27,9 +27,8 @@ from esmc.model import ESMC
 from esmc_client import AsyncESMCClient, ESMCClient, ESMCError, GenerationConfig, LogitsConfig
 from esmc_client.cli import main as cli_main
 from esmc_server import auth
-from esmc_server.app import create_server
-from esmc_server.config import BatchingConfig, ServerConfig
-from helpers_serve import ServeProcess
+from esmc_server.config import ServerConfig
+from helpers_serve import ServeProcess, loop_thread, serving_on
 
 pytestmark = pytest.mark.e2e
 
@@ -47,26 +46,23 @@ def model() -> ESMC:
 
 @pytest.fixture(scope="module")
 def loop():
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="esmc-security-tests", daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(30)
+    with loop_thread() as loop:
+        yield loop
 
 
 @dataclasses.dataclass
 class Served:
     server: object
-    port: int
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.server.port}"
 
     def metrics_text(self) -> str:
-        import urllib.request
-
         url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             return response.read().decode()
@@ -74,16 +70,8 @@ class Served:
 
 @contextlib.contextmanager
 def serving(loop, model: ESMC, **settings):
-    config = ServerConfig(
-        port=0, metrics_port=0, warmup=False, batching=BatchingConfig(max_wait_ms=1.0), **settings
-    )
-    server, port = asyncio.run_coroutine_threadsafe(
-        create_server(config, model=model), loop
-    ).result(120)
-    try:
-        yield Served(server, port)
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(2), loop).result(60)
+    with serving_on(loop, model, **settings) as server:
+        yield Served(server)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ blocking client calls it inside a caller's span, so the server's spans must join
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
 import pytest
@@ -26,20 +24,16 @@ from esmc.config import ESMCConfig  # noqa: E402
 from esmc.model import ESMC  # noqa: E402
 from esmc_client import ESMCClient, ESMCError, GenerationConfig, LogitsConfig  # noqa: E402
 from esmc_server import tracing  # noqa: E402
-from esmc_server.app import create_server  # noqa: E402
-from esmc_server.config import BatchingConfig, ServerConfig  # noqa: E402
+from esmc_server.config import ServerConfig  # noqa: E402
+from helpers_serve import loop_thread, serving_on  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def loop():
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(30)
+    with loop_thread() as loop:
+        yield loop
 
 
 @pytest.fixture(scope="module")
@@ -48,24 +42,13 @@ def model() -> ESMC:
     return ESMC(ESMCConfig(d_model=64, n_heads=1, n_layers=2)).eval()
 
 
-def start(loop, model, **kwargs):
-    config = ServerConfig(port=0, metrics_port=None, warmup=False,
-                          batching=BatchingConfig(max_wait_ms=1.0))
-    return asyncio.run_coroutine_threadsafe(create_server(config, model=model, **kwargs), loop).result(120)
-
-
-def stop(loop, server) -> None:
-    asyncio.run_coroutine_threadsafe(server.stop(2), loop).result(60)
-
-
 @pytest.fixture(scope="module")
 def traced(loop, model):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    server, port = start(loop, model, tracer_provider=provider)
-    yield f"127.0.0.1:{port}", exporter, provider
-    stop(loop, server)
+    with serving_on(loop, model, metrics=False, tracer_provider=provider) as server:
+        yield f"127.0.0.1:{server.port}", exporter, provider
 
 
 def finished(exporter, *names: str) -> list:
@@ -144,14 +127,11 @@ def test_nothing_changes_when_off(loop, model):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    server, port = start(loop, model)  # no provider, no endpoint
-    try:
+    with serving_on(loop, model, metrics=False) as server:  # no provider, no endpoint
         assert server.tracer_provider is None
-        with ESMCClient(f"127.0.0.1:{port}") as client:
+        with ESMCClient(f"127.0.0.1:{server.port}") as client:
             with provider.get_tracer("caller").start_as_current_span("caller"):
                 out = client.logits("MKTAYIAKQR", LogitsConfig(sequence=True), timeout=30)
-    finally:
-        stop(loop, server)
     assert out.logits.sequence.shape == (12, 64)
     assert [s.name for s in exporter.get_finished_spans()] == ["caller"]
 
