@@ -350,17 +350,17 @@ def test_plaintext_health_port_beside_mutual_tls(loop, model, pki):
             health_of(channel)  # gone with the server
 
 
+def mtls_client(served: Served, pki: dict) -> ESMCClient:
+    return ESMCClient(served.target, root_certificates=pki["ca.pem"],
+                      client_certificate=pki["client.pem"], client_key=pki["client.key"])
+
+
 def test_mutual_tls_matrix(loop, model, pki):
     settings = dict(
         tls_cert=pki["server.pem"], tls_key=pki["server.key"], tls_client_ca=pki["ca.pem"]
     )
     with serving(loop, model, **settings) as served:
-        with ESMCClient(
-            served.target,
-            root_certificates=pki["ca.pem"],
-            client_certificate=pki["client.pem"],
-            client_key=pki["client.key"],
-        ) as client:
+        with mtls_client(served, pki) as client:
             assert client.info(timeout=30).d_model == 64
         failures = {
             "no client certificate": ESMCClient(served.target, root_certificates=pki["ca.pem"]),
@@ -376,12 +376,7 @@ def test_mutual_tls_matrix(loop, model, pki):
             with client, pytest.raises(ESMCError) as error:
                 client.info(timeout=10)
             assert error.value.code == "UNAVAILABLE", what
-        with ESMCClient(
-            served.target,
-            root_certificates=pki["ca.pem"],
-            client_certificate=pki["client.pem"],
-            client_key=pki["client.key"],
-        ) as client:
+        with mtls_client(served, pki) as client:
             assert client.info(timeout=30).d_model == 64
 
 

@@ -20,6 +20,7 @@ its first line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -163,6 +164,22 @@ def _finish(trace: _RpcTrace, context, error: BaseException | None) -> None:
     trace.span.end()
 
 
+@contextlib.contextmanager
+def _rpc_scope(interceptor: TracingInterceptor, method: str, parent, context):
+    """The RPC's span, current for the handler (and the tasks it starts) while it runs."""
+    trace = interceptor.start(method, parent)
+    token = _current.set(trace)
+    error = None
+    try:
+        yield trace
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        _reset(token)
+        _finish(trace, context, error)
+
+
 def _traced_handler(handler, interceptor: TracingInterceptor, method: str, parent):
     kwargs = {
         "request_deserializer": handler.request_deserializer,
@@ -172,19 +189,10 @@ def _traced_handler(handler, interceptor: TracingInterceptor, method: str, paren
         behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
         async def streaming(request, context):
-            trace = interceptor.start(method, parent)
-            token = _current.set(trace)
-            error = None
-            try:
+            with _rpc_scope(interceptor, method, parent, context) as trace:
                 async for message in behavior(request, context):
                     trace.responded(message)
                     yield message
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                _reset(token)
-                _finish(trace, context, error)
 
         make = (
             grpc.stream_stream_rpc_method_handler
@@ -196,19 +204,10 @@ def _traced_handler(handler, interceptor: TracingInterceptor, method: str, paren
     behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
     async def unary(request, context):
-        trace = interceptor.start(method, parent)
-        token = _current.set(trace)
-        error = None
-        try:
+        with _rpc_scope(interceptor, method, parent, context) as trace:
             response = await behavior(request, context)
             trace.responded(response)
             return response
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            _reset(token)
-            _finish(trace, context, error)
 
     make = (
         grpc.stream_unary_rpc_method_handler
