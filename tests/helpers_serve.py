@@ -141,6 +141,15 @@ class ServeProcess:
         os.unlink(self._log.name)
 
 
+def requests_served(metrics: dict[tuple[str, tuple], float], method: str) -> float:
+    """How many ``method`` calls (any status) a server's metrics counted."""
+    return sum(
+        value
+        for (name, labels), value in metrics.items()
+        if name == "esmc_requests_total" and ("method", method) in labels
+    )
+
+
 # --- in-process servers on their own event-loop thread ----------------------------------------
 
 
