@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import logging
 import time
 from typing import Any
@@ -164,6 +165,21 @@ def _finish(trace: _RpcTrace, context, error: BaseException | None) -> None:
     trace.span.end()
 
 
+class _WriteTracingContext:
+    """The servicer's context, ending a ``build response`` span as each message is written."""
+
+    def __init__(self, context, trace: _RpcTrace):
+        self._context = context
+        self._trace = trace
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    async def write(self, message) -> None:
+        self._trace.responded(message)
+        await self._context.write(message)
+
+
 @contextlib.contextmanager
 def _rpc_scope(interceptor: TracingInterceptor, method: str, parent, context):
     """The RPC's span, current for the handler (and the tasks it starts) while it runs."""
@@ -188,11 +204,19 @@ def _traced_handler(handler, interceptor: TracingInterceptor, method: str, paren
     if handler.response_streaming:
         behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
-        async def streaming(request, context):
-            with _rpc_scope(interceptor, method, parent, context) as trace:
-                async for message in behavior(request, context):
-                    trace.responded(message)
-                    yield message
+        if inspect.isasyncgenfunction(behavior):
+
+            async def streaming(request, context):
+                with _rpc_scope(interceptor, method, parent, context) as trace:
+                    async for message in behavior(request, context):
+                        trace.responded(message)
+                        yield message
+
+        else:  # writes its messages with context.write
+
+            async def streaming(request, context):
+                with _rpc_scope(interceptor, method, parent, context) as trace:
+                    return await behavior(request, _WriteTracingContext(context, trace))
 
         make = (
             grpc.stream_stream_rpc_method_handler
