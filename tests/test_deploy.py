@@ -131,6 +131,10 @@ def test_deployment_agrees_with_the_server_and_the_services():
         os.environ.update(old)
     assert config.tls and config.tls_client_ca and config.auth_tokens_file
     assert config.grace_s == grace_s and config.max_connection_age_s == 300
+    # stopping: preStop sleep, then SIGTERM's drain delay and grace, inside the pod's period
+    sleep_s = float(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    stop_s = sleep_s + config.drain_delay_s + config.grace_s
+    assert stop_s + 5 <= pod["terminationGracePeriodSeconds"]
 
 
 def test_hpa_scales_the_deployment_on_a_metric_the_server_exports():
