@@ -179,7 +179,10 @@ def readme_commands() -> set[str]:
             line = line.split("  #")[0].strip()
             for command in line.split("&&"):
                 if command.strip():
-                    commands.add(" ".join(shlex.split(command)))
+                    try:
+                        commands.add(" ".join(shlex.split(command)))
+                    except ValueError:  # a line continued elsewhere (quotes across lines)
+                        commands.add(command.strip())
     return commands
 
 
