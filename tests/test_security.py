@@ -417,3 +417,30 @@ def test_bad_tls_files_fail_at_start(loop, model, tmp_path, pki):
     with pytest.raises(ValueError, match="cannot read TLS file"):
         with serving(loop, model, tls_cert=str(tmp_path / "missing"), tls_key=pki["server.key"]):
             pass
+
+
+async def test_client_pings_at_the_configured_interval_are_accepted():
+    """The server's minimum ping interval really reaches gRPC core: a client pinging every
+    second on an idle connection keeps it (with the core's 5-minute default the server
+    answers GOAWAY too_many_pings after two pings and the channel falls back to IDLE)."""
+    from grpc_health.v1.health import aio as health_aio
+
+    from esmc_server.security import connection_options
+
+    config = ServerConfig(min_client_ping_interval_s=0.5, keepalive_permit_without_calls=True)
+    server = grpc.aio.server(options=connection_options(config))
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    pinging = [
+        ("grpc.keepalive_time_ms", 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=pinging) as channel:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            await asyncio.sleep(5)  # four idle pings
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+    finally:
+        await server.stop(0)

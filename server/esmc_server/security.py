@@ -37,7 +37,7 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", _ms(config.keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", _ms(config.keepalive_timeout_s)),
         ("grpc.keepalive_permit_without_calls", int(config.keepalive_permit_without_calls)),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(config.min_client_ping_interval_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(config.min_client_ping_interval_s)),
     ]
     if config.max_connection_age_s is not None:
         options += [
