@@ -114,7 +114,7 @@ def test_bulk_embed_rides_out_a_server_restart(how):
     target = f"127.0.0.1:{port}"
     rng = np.random.default_rng(1)
     items = [(f"p{i}", random_sequence(rng, int(rng.integers(50, 250)))) for i in range(300)]
-    first = start_serve(port, "--grace-s", "1")
+    first = start_serve(port, "--grace-s", "1", "--drain-delay-s", "0")  # SIGTERM: no drain pause
     second = None
     try:
         wait_serving(target)

@@ -298,7 +298,8 @@ async def _started(call):
 async def test_esmc_serve_exits_nonzero_after_a_fatal_fault():
     port = free_port()
     tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ["PYTHONPATH"]])}
+    path = [str(tests), os.environ.get("PYTHONPATH", "")]  # CI sets no PYTHONPATH
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     args = ["--port", str(port), "--metrics-port", "off", "--fatal-exit-s", "1"]
     process = subprocess.Popen(
         [sys.executable, "-m", "helpers.faults", *args],
