@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+import ssl
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -316,21 +318,55 @@ def test_tls_matrix(loop, model, pki):
         with open(pki["ca.pem"], "rb") as handle:  # PEM bytes work as well as paths
             with ESMCClient(served.target, root_certificates=handle.read()) as client:
                 assert client.info(timeout=30).d_model == 64
-        failures = {
-            "plaintext client": ESMCClient(served.target),
-            "client trusting another CA": ESMCClient(
+        failures = {  # each says what to change, at once (a retry cannot help)
+            "speaks TLS and this client connects in plaintext: pass tls=True": ESMCClient(
+                served.target
+            ),
+            "has a certificate this client does not trust: ": ESMCClient(
                 served.target, tls=True, root_certificates=pki["other-ca.pem"]
             ),
         }
-        for what, client in failures.items():
+        for hint, client in failures.items():
             with client, pytest.raises(ESMCError) as error:
                 client.info(timeout=10)
-            assert error.value.code == "UNAVAILABLE", what
+            assert error.value.code == "UNAVAILABLE" and error.value.attempts == 1, hint
+            assert f"the server at 127.0.0.1:{served.port} {hint}" in str(error.value)
         with ESMCClient(served.target, root_certificates=pki["ca.pem"]) as client:
             assert client.info(timeout=30).d_model == 64  # the failures left it healthy
         creds = grpc.ssl_channel_credentials(open(pki["ca.pem"], "rb").read())
         with grpc.secure_channel(served.target, creds) as channel:
             assert health_of(channel) == SERVING
+
+
+def test_tls_client_at_a_plaintext_port_is_told_so_and_a_down_server_is_retried(
+    loop, model, pki
+):
+    with serving(loop, model) as served:
+        with ESMCClient(served.target, root_certificates=pki["ca.pem"]) as client:
+            with pytest.raises(ESMCError) as error:
+                client.info(timeout=10)
+        assert error.value.code == "UNAVAILABLE" and error.value.attempts == 1
+        assert "does not speak TLS (it is plaintext): connect without TLS" in str(error.value)
+        port = served.port
+    # nothing listens any more: an ordinary UNAVAILABLE, retried, with no TLS advice
+    with ESMCClient(f"127.0.0.1:{port}", root_certificates=pki["ca.pem"]) as client:
+        with pytest.raises(ESMCError) as error:
+            client.info(timeout=10)
+    assert error.value.code == "UNAVAILABLE" and error.value.attempts > 1
+    assert "TLS" not in str(error.value)
+
+
+async def _async_plaintext_info(target: str) -> ESMCError:
+    async with AsyncESMCClient(target) as client:
+        with pytest.raises(ESMCError) as error:
+            await client.info(timeout=10)
+    return error.value
+
+
+def test_async_client_is_told_about_a_tls_port(loop, model, pki):
+    with serving(loop, model, tls_cert=pki["server.pem"], tls_key=pki["server.key"]) as served:
+        error = asyncio.run(_async_plaintext_info(served.target))
+    assert error.attempts == 1 and "speaks TLS and this client connects in plaintext" in str(error)
 
 
 def test_plaintext_health_port_beside_mutual_tls(loop, model, pki):
@@ -363,19 +399,22 @@ def test_mutual_tls_matrix(loop, model, pki):
         with mtls_client(served, pki) as client:
             assert client.info(timeout=30).d_model == 64
         failures = {
-            "no client certificate": ESMCClient(served.target, root_certificates=pki["ca.pem"]),
-            "certificate from another CA": ESMCClient(
+            "requires a client certificate (mutual TLS): pass client_certificate": ESMCClient(
+                served.target, root_certificates=pki["ca.pem"]
+            ),
+            "refused this client's certificate": ESMCClient(
                 served.target,
                 root_certificates=pki["ca.pem"],
                 client_certificate=pki["other-client.pem"],
                 client_key=pki["other-client.key"],
             ),
-            "plaintext client": ESMCClient(served.target),
+            "speaks TLS and this client connects in plaintext": ESMCClient(served.target),
         }
-        for what, client in failures.items():
+        for hint, client in failures.items():
             with client, pytest.raises(ESMCError) as error:
                 client.info(timeout=10)
-            assert error.value.code == "UNAVAILABLE", what
+            assert error.value.code == "UNAVAILABLE" and error.value.attempts == 1, hint
+            assert hint in str(error.value)
         with mtls_client(served, pki) as client:
             assert client.info(timeout=30).d_model == 64
 
@@ -392,8 +431,62 @@ def test_tls_with_tokens_and_the_cli(loop, model, pki, tokens_file, capsys, capl
             assert cli_main(base) == 2  # whole-run failures exit 2 (issue 11)
             assert "UNAUTHENTICATED" in capsys.readouterr().err
             assert cli_main(["info", "--target", served.target, "--token", TOKEN]) == 2
-            assert "UNAVAILABLE" in capsys.readouterr().err  # plaintext to a TLS port
+            err = capsys.readouterr().err  # plaintext to a TLS port: what to change
+            assert "UNAVAILABLE" in err and "pass tls=True" in err and "--tls" in err
     assert not [r for r in caplog.records if "plaintext" in r.getMessage()]
+
+
+def https_health(port: int, ca_file: str) -> int:
+    context = ssl.create_default_context(cafile=ca_file)
+    url = f"https://127.0.0.1:{port}/health"
+    with urllib.request.urlopen(url, context=context, timeout=10) as response:
+        return response.status
+
+
+def test_tls_files_reload_for_grpc_and_http(loop, model, tmp_path, caplog):
+    """SIGHUP's reload (``Security.reload``) swaps the certificate on both TLS listeners:
+    the next handshake uses the new files; a reload from broken files keeps the old ones."""
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    old_ca_file, new_ca_file = str(tmp_path / "old-ca.pem"), str(tmp_path / "new-ca.pem")
+    old_ca.cert_pem.write_to_path(old_ca_file)
+    new_ca.cert_pem.write_to_path(new_ca_file)
+
+    def install(ca: trustme.CA) -> None:
+        issued = ca.issue_cert("127.0.0.1", "localhost")
+        issued.private_key_and_cert_chain_pem.write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+
+    def grpc_works(ca_file: str) -> bool:
+        with ESMCClient(served.target, root_certificates=ca_file) as client:
+            try:
+                return client.info(timeout=10).d_model == 64
+            except ESMCError as error:
+                assert error.code == "UNAVAILABLE"
+                return False
+
+    def http_works(ca_file: str) -> bool:
+        try:
+            return https_health(served.server.http.port, ca_file) == 200
+        except urllib.error.URLError as error:
+            assert isinstance(error.reason, ssl.SSLCertVerificationError), error
+            return False
+
+    install(old_ca)
+    settings = dict(tls_cert=str(cert), tls_key=str(key), http_port=0)
+    with serving(loop, model, **settings) as served:
+        assert grpc_works(old_ca_file) and http_works(old_ca_file)
+        assert not grpc_works(new_ca_file) and not http_works(new_ca_file)
+        install(new_ca)  # rotated on disk: nothing changes until the reload
+        assert grpc_works(old_ca_file) and http_works(old_ca_file)
+        served.server.security.reload()
+        assert grpc_works(new_ca_file) and http_works(new_ca_file)
+        assert not grpc_works(old_ca_file) and not http_works(old_ca_file)
+        key.write_text("not a key\n")  # a broken rotation: logged, the new ones stay
+        with caplog.at_level("ERROR", logger="esmc_server.security"):
+            served.server.security.reload()
+        assert "TLS files not reloaded" in caplog.text
+        assert grpc_works(new_ca_file) and http_works(new_ca_file)
 
 
 @pytest.mark.unit

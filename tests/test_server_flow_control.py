@@ -20,6 +20,7 @@ from helpers_server import protein_request, random_sequence, running_server, ser
 from helpers_server import tiny_model
 
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -105,49 +106,70 @@ async def test_unread_embed_stream_is_bounded_then_cancelled_when_idle():
         await srv.assert_serving()
 
 
-async def test_unread_generate_streams_keep_memory_and_latency_bounded():
-    """Twenty Generate streams nobody reads: each step is computed only once the previous
-    message was written, so an unread stream runs ahead only as far as the client's HTTP/2
-    window holds its (small) step messages; memory stays flat and Logits keeps its latency."""
+async def test_unread_generate_streams_stop_being_computed_then_are_cancelled():
+    """Twenty 400-step Generate streams nobody reads. The engine takes a stream's next step
+    only once its previous message was written, and gRPC completes a write only within the
+    client's HTTP/2 flow-control window: this client keeps gRPC's initial 64 KiB window (BDP
+    probing off; gRPC's default probing grows it to ~4 MiB per stream, measured in the
+    README), so each stream gets about 64 KiB of steps (~145 of 400) computed, then waits
+    until the idle timeout cancels it. Memory stays flat and Logits keeps its latency."""
     model = tiny_model(d_model=64, n_heads=2, n_layers=2, seed=4)
     settings = dict(stream_idle_timeout_s=IDLE_S)
+    streams, residues, steps = 20, 400, 400
     async with running_server(model, server_config(max_wait_ms=2, settings=settings)) as srv:
         for _ in range(3):
             await logits_latency(srv)
         baseline_rss = rss_mb()
-        calls = []
-        for i in range(20):
-            request = pb.GenerateRequest(
-                protein=pb.ESMProtein(sequence="_" * RESIDUES),
-                config=pb.GenerationConfig(num_steps=STEPS),
-                seed=i,
+        options = [("grpc.http2.bdp_probe", 0)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}", options=options) as ch:
+            stub = pb_grpc.ESMCStub(ch)
+            calls = [
+                stub.Generate(
+                    pb.GenerateRequest(
+                        protein=pb.ESMProtein(sequence="_" * residues),
+                        config=pb.GenerationConfig(num_steps=steps),
+                        seed=i,
+                    )
+                )
+                for i in range(streams)
+            ]  # never read
+            step_bytes = len(
+                pb.GenerateResponse(step=1, num_steps=steps, positions=[0], tokens=[5],
+                                    probabilities=[0.5], entropies=[1.0], temperature=1.0,
+                                    sequence="A" * residues).SerializeToString()
             )
-            calls.append(srv.stub.Generate(request))  # never read
-        latencies, peak_rss = [], baseline_rss
-        await asyncio.sleep(0.5)
-        while srv.engine.stats.active_generations > 0:  # finished (absorbed) or cancelled (idle)
-            latencies.append(await logits_latency(srv))
-            peak_rss = max(peak_rss, rss_mb())
+            latencies, peak_rss = [], baseline_rss
             await asyncio.sleep(0.5)
-            assert len(latencies) < 150, "the unread generations never ended"
-        codes = set()
-        for call in calls:  # read them now: what the transport held, then the status
-            try:
-                async for _ in call:
-                    pass
-                codes.add(grpc.StatusCode.OK)
-            except grpc.aio.AioRpcError as error:
-                codes.add(error.code())
+            while srv.engine.stats.active_generations > 0:  # parked until cancelled (idle)
+                latencies.append(await logits_latency(srv))
+                peak_rss = max(peak_rss, rss_mb())
+                await asyncio.sleep(0.5)
+                assert len(latencies) < 300, "the unread generations never ended"
+            computed = srv.engine.stats.generation_steps
+            outcomes = []
+            for call in calls:  # read them now: what the transport held, then the status
+                received = 0
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    async for _ in call:
+                        received += 1
+                outcomes.append((received, error.value.code(), error.value.details()))
         latencies.sort()
         print(
-            f"\nunread Generate: {srv.engine.stats.generation_steps} steps, RSS "
-            f"{baseline_rss:.0f} -> peak {peak_rss:.0f} MB, fresh Logits p50 "
-            f"{latencies[len(latencies) // 2] * 1000:.0f} ms, max "
-            f"{latencies[-1] * 1000:.0f} ms, outcomes {codes}"
+            f"\nunread Generate: {computed} of {streams * steps} steps computed "
+            f"({step_bytes} B per step message), RSS {baseline_rss:.0f} -> peak "
+            f"{peak_rss:.0f} MB, fresh Logits p50 {latencies[len(latencies) // 2] * 1000:.0f} ms,"
+            f" max {latencies[-1] * 1000:.0f} ms, received per stream "
+            f"{sorted({o[0] for o in outcomes})}"
         )
-        assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
+        window_steps = 65536 // step_bytes + 1  # what one 64 KiB window holds
+        per_stream_bound = window_steps + srv.server.config.batching.generation_window + 2
+        assert computed <= streams * per_stream_bound < streams * steps // 2
+        for received, code, details in outcomes:
+            assert code == grpc.StatusCode.CANCELLED
+            assert f"read nothing for {IDLE_S:g} s (stream_idle_timeout_s)" in details
+            assert window_steps // 2 <= received <= window_steps
         assert peak_rss - baseline_rss < RSS_MARGIN_MB
-        assert latencies[len(latencies) // 2] < 3.0  # generous, as above
+        assert latencies[len(latencies) // 2] < 3.0  # generous: not a speed test
         await srv.assert_serving()
 
 

@@ -33,7 +33,7 @@ from esmc_client.bulk import EmbedChunk, make_chunks
 from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, channel_options
 from esmc_client.replay import GenerationReplay, replay_seed
 from esmc_client.scoring import AsyncScoringCalls, ScoringCalls
-from esmc_client.security import auth_metadata, tls_credentials
+from esmc_client.security import TransportCheck, auth_metadata, read_pem, tls_credentials
 from esmc_client.tracing import trace_metadata
 from esmc_client.requests import ProteinLike
 from esmc_client.retry import CallRetries, RetryBudget, RetryPolicy
@@ -73,8 +73,22 @@ class _ClientBase:
         self.retry_budget = RetryBudget(self.retry.budget_ratio, self.retry.budget_burst)
         self._wait_for_ready = wait_for_ready
         self._metadata = auth_metadata(token)
-        if credentials is None:
+        built = credentials is None
+        client_pair = None
+        if built:
+            root_certificates = read_pem(root_certificates, "root certificates")
+            client_certificate = read_pem(client_certificate, "client certificate")
+            client_key = read_pem(client_key, "client key")
             credentials = tls_credentials(tls, root_certificates, client_certificate, client_key)
+            if client_certificate is not None:
+                client_pair = (client_certificate, client_key)
+        self._transport = TransportCheck(
+            target,
+            tls=credentials is not None,
+            root_certificates=root_certificates if built else None,
+            roots_known=built,
+            client_pair=client_pair,
+        )
         channel_args = channel_options(max_message_bytes, tuple(options))
         self._channel = self._open_channel(target, credentials, channel_args)
         self._stub = pb_grpc.ESMCStub(self._channel)
@@ -89,6 +103,16 @@ class _ClientBase:
             "wait_for_ready": self._wait_for_ready,
             "metadata": metadata or None,
         }
+
+    def _transport_error(self, error: ESMCError) -> ESMCError | None:
+        """For an ``UNAVAILABLE`` that is really a TLS mismatch (this client and the server
+        speak different transports, or one refuses the other's certificate): the error
+        saying what to change, never worth a retry (:class:`TransportCheck`); else None.
+        Blocking (it may open a connection): the asyncio client runs it in a thread."""
+        hint = self._transport.explain(error.code)
+        if hint is None:
+            return None
+        return ESMCError(error.code, f"{error.message}; {hint}", attempts=error.attempts)
 
     def _retries(self, timeout: float | None) -> CallRetries:
         """Retry state of one call; ``timeout`` covers all its attempts."""
@@ -144,6 +168,8 @@ class ESMCClient(ScoringCalls, _ClientBase):
                 return method(request, **self._kwargs(retries.remaining()))
             except grpc.RpcError as rpc:
                 error = rs.rpc_error(rpc, retries.attempts)
+                if (definitive := self._transport_error(error)) is not None:
+                    raise definitive from rpc
                 delay = retries.next_delay(error.code, error.message, error.pushback_ms)
                 if delay is None:
                     raise error from rpc
@@ -222,6 +248,8 @@ class ESMCClient(ScoringCalls, _ClientBase):
                 return
             except grpc.RpcError as rpc:
                 error = rs.rpc_error(rpc, retries.attempts)
+                if (definitive := self._transport_error(error)) is not None:
+                    raise definitive from rpc
                 delay = retries.next_delay(error.code, error.message, error.pushback_ms)
                 if delay is None:
                     raise error from rpc
@@ -332,6 +360,8 @@ class ESMCClient(ScoringCalls, _ClientBase):
                         record([done])
             except grpc.RpcError as rpc:
                 error = rs.rpc_error(rpc)
+                if (definitive := self._transport_error(error)) is not None:
+                    raise definitive from rpc
             record(chunk.on_stream_end(error))
             if (wait := chunk.next_wait()) is None:
                 return
@@ -389,6 +419,11 @@ class AsyncESMCClient(AsyncScoringCalls, _ClientBase):
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    async def _transport_error_async(self, error: ESMCError) -> ESMCError | None:
+        if error.code != "UNAVAILABLE":
+            return None
+        return await asyncio.to_thread(self._transport_error, error)
+
     async def _unary(self, method, request, timeout: float | None):
         retries = self._retries(timeout)
         while True:
@@ -396,6 +431,8 @@ class AsyncESMCClient(AsyncScoringCalls, _ClientBase):
                 return await method(request, **self._kwargs(retries.remaining()))
             except grpc.aio.AioRpcError as rpc:
                 error = rs.rpc_error(rpc, retries.attempts)
+                if (definitive := await self._transport_error_async(error)) is not None:
+                    raise definitive from rpc
                 delay = retries.next_delay(error.code, error.message, error.pushback_ms)
                 if delay is None:
                     raise error from rpc
@@ -463,6 +500,8 @@ class AsyncESMCClient(AsyncScoringCalls, _ClientBase):
                 return
             except grpc.aio.AioRpcError as rpc:
                 error = rs.rpc_error(rpc, retries.attempts)
+                if (definitive := await self._transport_error_async(error)) is not None:
+                    raise definitive from rpc
                 delay = retries.next_delay(error.code, error.message, error.pushback_ms)
                 if delay is None:
                     raise error from rpc
@@ -552,6 +591,8 @@ class AsyncESMCClient(AsyncScoringCalls, _ClientBase):
                         record([done])
             except grpc.aio.AioRpcError as rpc:
                 error = rs.rpc_error(rpc)
+                if (definitive := await self._transport_error_async(error)) is not None:
+                    raise definitive from rpc
             record(chunk.on_stream_end(error))
             if (wait := chunk.next_wait()) is None:
                 return

@@ -193,8 +193,9 @@ class ScoringCalls:
         call = self._stub.PseudoLogLikelihoodStream(requests, **self._kwargs(timeout))
         try:
             return {m.id: parse_pll(m) for m in call}
-        except grpc.RpcError as error:
-            raise rs.rpc_error(error) from error
+        except grpc.RpcError as rpc:
+            error = rs.rpc_error(rpc)
+            raise self._transport_error(error) or error from rpc
         finally:
             call.cancel()
 
@@ -230,8 +231,9 @@ class AsyncScoringCalls:
         call = self._stub.PseudoLogLikelihoodStream(_aiter(requests), **self._kwargs(timeout))
         try:
             results = {m.id: parse_pll(m) async for m in call}
-        except grpc.RpcError as error:
-            raise rs.rpc_error(error) from error
+        except grpc.RpcError as rpc:
+            error = rs.rpc_error(rpc)
+            raise await self._transport_error_async(error) or error from rpc
         finally:
             call.cancel()
         return _in_input_order(items, results)

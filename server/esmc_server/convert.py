@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import math
 import sys
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -46,7 +47,7 @@ WIRE_DTYPES: dict[int, tuple[torch.dtype, str]] = {
 FLOAT_OUTPUTS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
 OTHER_TRACKS = tuple(t for t in TRACKS if t != "sequence")
 MAX_ID_CHARS = 1024
-"""Longest Embed ``id`` accepted (characters)."""
+"""Longest ``id`` of a keyed stream request (Embed, PseudoLogLikelihoodStream), in characters."""
 MAX_INVALID_IDS = tokenizer.EMBED_ROWS
 """Longest ``invalid_ids`` list: there are only 64 ids to exclude."""
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -432,13 +433,18 @@ SAMPLE_SIZE_ADVICE = (
 )
 
 
-def embed_id_of(request: pb.EmbedRequest) -> str:
-    """The request's id, its length checked."""
-    if len(request.id) > MAX_ID_CHARS:
-        raise InvalidRequest(
-            f"id: {len(request.id)} characters; the limit is {MAX_ID_CHARS}"
-        )
-    return request.id
+def deadline_of(context) -> float | None:
+    """A call's deadline (a gRPC servicer context's) as ``time.monotonic()`` seconds, or None
+    without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def stream_id_of(request_id: str) -> str:
+    """A keyed stream request's id, its length checked."""
+    if len(request_id) > MAX_ID_CHARS:
+        raise InvalidRequest(f"id: {len(request_id)} characters; the limit is {MAX_ID_CHARS}")
+    return request_id
 
 
 # -- sampling and generation ----------------------------------------------------------------

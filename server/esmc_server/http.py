@@ -90,9 +90,14 @@ class HttpFront:
             self.application(), access_log=None, shutdown_timeout=config.grace_s
         )
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port, ssl_context=_ssl_context(config)).start()
+        await web.TCPSite(self.runner, host, port, ssl_context=self._ssl_context()).start()
         self.port = self.runner.addresses[0][1]  # the bound port (0 picks a free one)
         return self.port
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The gRPC port's TLS files (reloaded with them on SIGHUP), or None for plain HTTP."""
+        tls = self._server.security.tls if self._server.security is not None else None
+        return None if tls is None else tls.ssl_context()
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -184,18 +189,6 @@ class HttpFront:
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return await _json_response(openapi_document())
-
-
-def _ssl_context(config) -> ssl.SSLContext | None:
-    """The gRPC port's certificate (and client CA for mutual TLS), or None for plain HTTP."""
-    if not config.tls:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.tls_cert, config.tls_key)
-    if config.tls_client_ca is not None:
-        context.load_verify_locations(config.tls_client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def _canonical(name: str) -> str:

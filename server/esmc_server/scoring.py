@@ -9,23 +9,21 @@ queue), so one big request cannot fill the queue. Each copy's logits are reduced
 the few log-probability rows the scores need; the final reduce runs off the event loop.
 
 :class:`ScoringMethods` is mixed into the servicer (it uses the servicer's ``_ready``,
-``_unary``, ``_max_tokens``, ``_config`` and ``_metrics``).
+``_unary``, ``_keyed_stream``, ``_build``, ``_max_tokens`` and ``_config``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
 
 from esmc import scoring
 from esmc.types import LogitsConfig
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_server import convert
 from esmc_server.config import BatchingConfig
-from esmc_server.errors import InvalidRequest, ServiceError
+from esmc_server.errors import InvalidRequest
 
 
 SEQUENCE_LOGITS = LogitsConfig(sequence=True)
@@ -208,11 +206,6 @@ def pll_response(
 # -- the servicer methods ------------------------------------------------------------------
 
 
-def _deadline(context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
 class ScoringMethods:
     """The scoring RPCs of ``ESMCServicer`` (a mixin over its plumbing)."""
 
@@ -221,7 +214,7 @@ class ScoringMethods:
             ready = self._ready
             plan = score_plan(request, self._max_tokens, self._config.max_score_forwards)
             result, served = await _run(
-                ready.engine, plan, self._config.batching, _deadline(context)
+                ready.engine, plan, self._config.batching, convert.deadline_of(context)
             )
             return score_response(plan, result, served)
 
@@ -229,7 +222,7 @@ class ScoringMethods:
 
     async def PseudoLogLikelihood(self, request: pb.PseudoLogLikelihoodRequest, context):
         async def handler():
-            return await self._pll_one(request, _deadline(context))
+            return await self._pll_one(request, convert.deadline_of(context))
 
         return await self._unary("PseudoLogLikelihood", context, handler)
 
@@ -239,70 +232,14 @@ class ScoringMethods:
         result, served = await _run(ready.engine, plan, self._config.batching, deadline)
         return pll_response(request.id, plan, result, served)
 
-    async def PseudoLogLikelihoodStream(
-        self, request_iterator, context
-    ) -> AsyncIterator[pb.PseudoLogLikelihoodResponse]:
-        """One response per request, in completion order, each with its request's id."""
-        deadline = _deadline(context)
-        results: asyncio.Queue = asyncio.Queue()
-        window = asyncio.Semaphore(PLL_STREAM_WINDOW)
-        reader = asyncio.create_task(self._read_plls(request_iterator, deadline, results, window))
-        try:
-            while (item := await results.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+    async def PseudoLogLikelihoodStream(self, request_iterator, context) -> None:
+        """A keyed stream (the servicer's, as Embed): one response per request, in completion
+        order, each with its id; at most ``PLL_STREAM_WINDOW`` proteins scored and unwritten."""
+        await self._keyed_stream(
+            "PseudoLogLikelihoodStream", request_iterator, context, self._pll_stream_one,
+            pb.PseudoLogLikelihoodResponse, PLL_STREAM_WINDOW,
+        )
 
-    async def _read_plls(self, request_iterator, deadline, results, window) -> None:
-        tasks: set[asyncio.Task] = set()
-
-        async def answer(request) -> None:
-            try:
-                results.put_nowait(await self._pll_item(request, deadline))
-            finally:
-                window.release()
-
-        try:
-            async for request in request_iterator:
-                await window.acquire()
-                task = asyncio.create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
-            results.put_nowait(None)
-        except asyncio.CancelledError:
-            for task in tasks:
-                task.cancel()
-            raise
-        except Exception as e:  # the request stream itself failed
-            results.put_nowait(e)
-
-    async def _pll_item(self, request, deadline) -> pb.PseudoLogLikelihoodResponse:
-        """This id's result, or this id's error: one bad sequence never ends the stream."""
-        start = time.perf_counter()
-        code = "OK"
-        try:
-            return await self._pll_one(request, deadline)
-        except ServiceError as e:
-            code = e.code
-            return pb.PseudoLogLikelihoodResponse(
-                id=request.id, error=pb.Error(code=e.code, message=str(e))
-            )
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            from esmc_server.servicer import as_service_error  # logs it with a reference
-
-            error = as_service_error(e, "PseudoLogLikelihoodStream")
-            code = error.code
-            return pb.PseudoLogLikelihoodResponse(
-                id=request.id, error=pb.Error(code=code, message=str(error))
-            )
-        finally:
-            self._metrics.on_request("PseudoLogLikelihoodStream", code, time.perf_counter() - start)
+    async def _pll_stream_one(self, request, deadline) -> bytes:
+        response = await self._pll_one(request, deadline)
+        return await self._build(pb.PseudoLogLikelihoodResponse.SerializeToString, response)

@@ -2,7 +2,8 @@
 
 - TLS: ``tls_cert`` + ``tls_key`` (PEM); with ``tls_client_ca`` clients must present a
   certificate signed by that CA (mutual TLS). The files are re-read on SIGHUP together with
-  the tokens (new connections get the new certificate; open ones keep theirs).
+  the tokens, for the gRPC port and the HTTP front alike (new connections get the new
+  certificate; open ones keep theirs).
 - Tokens: :mod:`esmc_server.auth`.
 - Connections: ``max_connection_age_s`` sends GOAWAY to every connection after that long
   (plus up to 10% jitter, gRPC's own), so that clients behind a headless Service re-resolve
@@ -18,6 +19,7 @@ probes that cannot speak TLS (Kubernetes' native gRPC probes).
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from pathlib import Path
 
@@ -52,13 +54,19 @@ def _ms(seconds: float) -> int:
 
 
 class TlsFiles:
-    """The server's certificate, key and optional client CA, re-read by :meth:`reload`."""
+    """The server's certificate, key and optional client CA, re-read by :meth:`reload`.
+
+    Both listeners that speak TLS take them from here: gRPC through dynamic credentials
+    (:meth:`credentials`), the HTTP front through :meth:`ssl_context`. After a reload, the
+    next handshake on either uses the new files; open connections keep theirs.
+    """
 
     def __init__(self, cert: str, key: str, client_ca: str | None):
         self.cert, self.key, self.client_ca = cert, key, client_ca
         self._lock = threading.Lock()
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self.initial = self._read()
+        self._ssl = self._python_context()
 
     @property
     def mutual(self) -> bool:
@@ -76,11 +84,25 @@ class TlsFiles:
                 raise ValueError(f"{name} is not a PEM file")
         return grpc.ssl_server_certificate_configuration([(key, chain)], root)
 
+    def _python_context(self) -> ssl.SSLContext:
+        """The files as a Python server context; also checks that the key fits the cert."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+            if self.client_ca is not None:
+                context.load_verify_locations(self.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"tls_cert/tls_key/tls_client_ca: {e}") from None
+        return context
+
     def reload(self) -> None:
         """Read the files again; the next handshake uses them. On error the old ones stay."""
         configuration = self._read()
+        context = self._python_context()
         with self._lock:
             self._pending = configuration
+            self._ssl = context
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC before each handshake: a new configuration once, else None."""
@@ -92,6 +114,19 @@ class TlsFiles:
         return grpc.dynamic_ssl_server_credentials(
             self.initial, self._fetch, require_client_authentication=self.mutual
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A context for a Python TLS listener that follows reloads: every handshake is
+        switched (from OpenSSL's server-name callback, called for each ClientHello, with
+        or without SNI) to the context of the files as last read."""
+        listener = self._python_context()
+
+        def current(ssl_object: ssl.SSLObject, server_name, _context) -> None:
+            with self._lock:
+                ssl_object.context = self._ssl
+
+        listener.sni_callback = current
+        return listener
 
 
 class Security:

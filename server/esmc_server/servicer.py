@@ -4,8 +4,9 @@ Each call is admitted before any work: sizes first (read from the wire), then th
 validation of what was parsed (``convert``), then the size of the response it would produce
 against the message limit; a caller's mistake answers ``INVALID_ARGUMENT`` without costing
 queue space. Response messages (tensor bytes) are built off the event loop, in a small thread
-pool. Streams write one message at a time: an Embed stream admits a new request only once an
-earlier response has been written (``embed_window`` outstanding), a Generate stream takes the
+pool. Streams write one message at a time: a keyed stream (Embed, PseudoLogLikelihoodStream)
+admits a new request only once an earlier response has been written (a window outstanding,
+``embed_window`` for Embed), a Generate stream takes the
 engine's next step only once the previous message has been written, and a write that waits
 longer than ``stream_idle_timeout_s`` for the client to read cancels the call.
 
@@ -60,12 +61,6 @@ def server_version() -> str:
         return importlib_metadata.version("esmc-serve")
     except importlib_metadata.PackageNotFoundError:
         return "unknown"
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline as ``time.monotonic()`` seconds, or None without one."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 def as_service_error(error: BaseException, what: str) -> ServiceError:
@@ -286,7 +281,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             )
             self._check_size(size, convert.LOGITS_SIZE_ADVICE)
             result = await served.engine.logits(
-                tokens, config, deadline=deadline_of(context), dtype=convert.torch_dtype(dtype)
+                tokens, config, deadline=convert.deadline_of(context), dtype=convert.torch_dtype(dtype)
             )
             tracing.engine_done(result.timing)
             metadata = convert.metadata_to_proto(result.timing)
@@ -305,7 +300,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             size = convert.sample_response_bytes(sampling, len(tokens), served.shapes, dtype)
             self._check_size(size, convert.SAMPLE_SIZE_ADVICE)
             output, timing = await served.engine.forward_and_sample(
-                tokens, sampling, convert.seed_of(request), deadline=deadline_of(context)
+                tokens, sampling, convert.seed_of(request), deadline=convert.deadline_of(context)
             )
             tracing.engine_done(timing)
             metadata = convert.metadata_to_proto(timing)
@@ -313,16 +308,26 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
 
         return await self._unary("ForwardAndSample", context, handler)
 
-    # -- Embed: bidirectional bulk stream -----------------------------------------------------
+    # -- keyed bidirectional streams (Embed, PseudoLogLikelihoodStream) ------------------------
 
-    async def Embed(self, request_iterator, context) -> None:
-        """One response per request, in completion order, each with its request's id.
+    async def _keyed_stream(
+        self,
+        method: str,
+        request_iterator,
+        context,
+        answer: Callable[[Any, float | None], Any],
+        response_type,
+        window: int,
+    ) -> None:
+        """One response per request, in completion order, each with its request's ``id``.
 
-        At most ``embed_window`` requests are computed and not yet written: the next request
-        is read only when a response has been written, so a client that does not read stops
-        being read (gRPC flow control then holds its sends).
+        ``answer(request, deadline)`` returns the serialized response; an error it raises
+        becomes that id's ``error`` (a ``response_type`` message), except ``UNAVAILABLE``,
+        which ends the stream. At most ``window`` requests are computed and not yet written:
+        the next request is read only when a response has been written, so a client that
+        does not read stops being read (gRPC flow control then holds its sends).
         """
-        stream = _EmbedStream(self, deadline_of(context))
+        stream = _KeyedStream(self, method, answer, response_type, window, convert.deadline_of(context))
         reader = asyncio.create_task(stream.read(request_iterator))
         try:
             while (item := await stream.results.get()) is not None:
@@ -339,8 +344,8 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
                     stream.window.release()
         except BaseException as e:
             if not isinstance(e, asyncio.CancelledError):
-                error = as_service_error(e, "Embed")
-                log.debug("Embed stream: %s %s", error.code, error)
+                error = as_service_error(e, method)
+                log.debug("%s stream: %s %s", method, error.code, error)
                 await _abort(context, error)
             raise
         finally:
@@ -348,16 +353,15 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             await asyncio.gather(reader, return_exceptions=True)
             stream.cancel()
 
-    async def _embed_one(
-        self, request: pb.EmbedRequest, deadline: float | None, seen: set[str]
-    ) -> bytes:
+    async def Embed(self, request_iterator, context) -> None:
+        """Bulk embeddings: a keyed stream with ``embed_window`` requests outstanding."""
+        await self._keyed_stream(
+            "Embed", request_iterator, context, self._embed_one, pb.EmbedResponse,
+            self._config.embed_window,
+        )
+
+    async def _embed_one(self, request: pb.EmbedRequest, deadline: float | None) -> bytes:
         served = self._ready
-        convert.embed_id_of(request)
-        if request.id in seen:
-            raise InvalidRequest(
-                f"id {request.id!r} was already used in this stream; ids must be unique"
-            )
-        seen.add(request.id)
         tokens = convert.tokens_from_request(request, self._max_tokens)
         config = convert.embed_config_from_proto(request, served.model.config.n_layers)
         dtype = convert.output_dtype(request.output_dtype)
@@ -402,7 +406,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             )
         config = convert.generation_config_from_proto(request.config)
         events = served.engine.generate(
-            tokens, config, convert.seed_of(request), deadline=deadline_of(context)
+            tokens, config, convert.seed_of(request), deadline=convert.deadline_of(context)
         )
         totals = _StreamTotals()
         last_sent = None
@@ -427,18 +431,23 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             await events.aclose()
 
 
-class _EmbedStream:
-    """The reading half of one Embed call: a task per admitted request, results queued.
+class _KeyedStream:
+    """The reading half of one keyed stream: a task per admitted request, results queued.
 
     ``window`` is acquired before a request is read and released by the writer once that
-    request's response has been written.
+    request's response has been written. Ids are checked here, once for every keyed stream:
+    bounded in length and unique within the stream.
     """
 
-    def __init__(self, servicer: ESMCServicer, deadline: float | None):
+    def __init__(self, servicer: ESMCServicer, method: str, answer, response_type,
+                 window: int, deadline: float | None):
         self.servicer = servicer
+        self.method = method
+        self.answer = answer
+        self.response_type = response_type
         self.deadline = deadline
         self.results: asyncio.Queue = asyncio.Queue()
-        self.window = asyncio.Semaphore(servicer._config.embed_window)
+        self.window = asyncio.Semaphore(window)
         self.seen: set[str] = set()
         self.tasks: set[asyncio.Task] = set()
 
@@ -463,17 +472,25 @@ class _EmbedStream:
         except Exception as e:  # the request stream itself failed
             self.results.put_nowait(e)
 
-    async def _answer(self, request: pb.EmbedRequest) -> None:
-        """This id's embedding, or this id's error: one bad sequence never ends the stream.
+    def _check_id(self, request_id: str) -> None:
+        convert.stream_id_of(request_id)
+        if request_id in self.seen:
+            raise InvalidRequest(
+                f"id {request_id!r} was already used in this stream; ids must be unique"
+            )
+        self.seen.add(request_id)
+
+    async def _answer(self, request) -> None:
+        """This id's response, or this id's error: one bad sequence never ends the stream.
 
         ``UNAVAILABLE`` (not ready, shutting down) ends the whole stream instead, with retry
         pushback, so that clients reconnect (to another replica) rather than spend each id's
         retries on a server that cannot answer any of them.
         """
-        servicer = self.servicer
-        outcome = _Outcome(servicer._metrics, "Embed")
+        outcome = _Outcome(self.servicer._metrics, self.method)
         try:
-            response = await servicer._embed_one(request, self.deadline, self.seen)
+            self._check_id(request.id)
+            response = await self.answer(request, self.deadline)
         except asyncio.CancelledError:
             outcome.fail(Cancelled("the call was cancelled"))
             outcome.record()
@@ -485,8 +502,10 @@ class _EmbedStream:
             return
         except BaseException as e:
             error = outcome.fail(e)
-            id_ = request.id[: convert.MAX_ID_CHARS]
-            response = pb.EmbedResponse(id=id_, error=pb.Error(code=error.code, message=str(error)))
+            response = self.response_type(
+                id=request.id[: convert.MAX_ID_CHARS],
+                error=pb.Error(code=error.code, message=str(error)),
+            )
         self.results.put_nowait((response, outcome))
 
     def cancel(self) -> None:
