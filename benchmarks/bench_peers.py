@@ -88,8 +88,8 @@ def official_esmc(model: ESMC):
         d_model=c.d_model, n_heads=c.n_heads, n_layers=c.n_layers,
         tokenizer=get_esmc_model_tokenizers(), use_flash_attn=False,
     )
-    reference.load_state_dict(model.state_dict(), strict=True)
-    return reference.to(model.device).eval()
+    reference.load_state_dict(model.state_dict(), strict=True)  # keeps the module's float32
+    return reference.to(device=model.device, dtype=model.dtype).eval()
 
 
 def transformers_esmc(model: ESMC):
@@ -114,8 +114,8 @@ def transformers_esmc(model: ESMC):
             continue
         name, part, parts = mapped
         state[key] = ours[name].chunk(parts)[part]
-    hf.load_state_dict(state, strict=True)
-    return hf.to(model.device).eval()
+    hf.load_state_dict(state, strict=True)  # keeps the module's float32
+    return hf.to(device=model.device, dtype=model.dtype).eval()
 
 
 # -- one pass over the proteins, per way --------------------------------------------------------
@@ -347,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "command": "python -m benchmarks.bench_peers " + " ".join(argv or []),
         "config": args.config,
         "dtype": args.dtype,
+        "weights_dtypes": {  # what each model really holds (a module keeps its own dtype
+            name: str(next(m.parameters()).dtype).removeprefix("torch.")  # on a state load)
+            for name, m in models.items() if isinstance(m, torch.nn.Module)
+        },
         "device": common.device_description(device),
         "proteins": len(tokens),
         "residues": residues,

@@ -26,3 +26,18 @@ def test_peers_agree_on_the_same_weights(tmp_path):
         assert rows[way]["residues_per_s"] > 0
     assert rows["esm-one"]["agreement"] == 0.0  # the reference itself
     assert rows["ceiling-one"]["agreement"] is None and rows["ceiling-one"]["of_ceiling"] == 1.0
+
+
+def test_every_model_runs_in_the_requested_dtype(tmp_path):
+    """In a bfloat16 run the peers hold bfloat16 weights too (loading a state dict keeps a
+    module's own float32: the peers once ran float32 in "bfloat16" tables), and every row
+    differs from the float32 reference by bf16 rounding, not by nothing."""
+    fasta = tmp_path / "p.fasta"
+    fasta.write_text(">a\nMKTAYIAKQRQISFVKSHFSRQ\n>b\nMLKNVQVLV\n")
+    payload = bench_peers.main([
+        "--config", "esmc-tiny", "--fasta", str(fasta), "--proteins", "2", "--rounds", "1",
+        "--dtype", "bfloat16", "--ways", "esm-one,hf-one,esmc-one,esmc-packed",
+    ])
+    assert payload["weights_dtypes"] == {"esmc": "bfloat16", "esm": "bfloat16", "hf": "bfloat16"}
+    for row in payload["rows"]:
+        assert 1e-4 < row["agreement"] < 5e-2, row["way"]
