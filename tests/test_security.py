@@ -28,6 +28,7 @@ from esmc.config import ESMCConfig
 from esmc.model import ESMC
 from esmc_client import AsyncESMCClient, ESMCClient, ESMCError, GenerationConfig, LogitsConfig
 from esmc_client.cli import main as cli_main
+from esmc_client.security import probe_address
 from esmc_server import auth
 from esmc_server.config import ServerConfig
 from helpers_serve import ServeProcess, loop_thread, serving_on
@@ -487,6 +488,17 @@ def test_tls_files_reload_for_grpc_and_http(loop, model, tmp_path, caplog):
             served.server.security.reload()
         assert "TLS files not reloaded" in caplog.text
         assert grpc_works(new_ca_file) and http_works(new_ca_file)
+
+
+@pytest.mark.unit
+def test_the_transport_probe_reads_the_first_address_of_a_target():
+    assert probe_address("127.0.0.1:50051") == ("127.0.0.1", 50051)
+    assert probe_address("dns:///esmc.internal:50051") == ("esmc.internal", 50051)
+    assert probe_address("ipv4:10.0.0.1:7001,10.0.0.2:7002") == ("10.0.0.1", 7001)
+    assert probe_address("ipv6:[::1]:5000") == ("::1", 5000)
+    assert probe_address("[::1]:5000") == ("::1", 5000)
+    for unnamed in ("unix:/tmp/esmc.sock", "esmc.internal", "xds:///esmc", "host:port"):
+        assert probe_address(unnamed) is None, unnamed
 
 
 @pytest.mark.unit

@@ -88,6 +88,7 @@ class _ClientBase:
             root_certificates=root_certificates if built else None,
             roots_known=built,
             client_pair=client_pair,
+            server_name=dict(options).get("grpc.ssl_target_name_override"),
         )
         channel_args = channel_options(max_message_bytes, tuple(options))
         self._channel = self._open_channel(target, credentials, channel_args)

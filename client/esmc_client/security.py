@@ -137,8 +137,10 @@ class TransportCheck:
     """
 
     def __init__(self, target: str, tls: bool, root_certificates: bytes | None,
-                 roots_known: bool, client_pair: tuple[bytes, bytes] | None):
+                 roots_known: bool, client_pair: tuple[bytes, bytes] | None,
+                 server_name: str | None = None):
         self.address = probe_address(target)
+        self.server_name = server_name  # the channel's grpc.ssl_target_name_override, if any
         self.tls = tls
         self.roots = root_certificates
         self.roots_known = roots_known
@@ -199,19 +201,20 @@ class TransportCheck:
         if self.client_pair is not None:
             _load_pair(context, *self.client_pair)
         try:
-            tls = context.wrap_socket(raw, server_hostname=host)
+            tls = context.wrap_socket(raw, server_hostname=self.server_name or host)
         except ssl.SSLError as e:
             refused = _certificate_alert(e)
             return refused, refused
         except OSError:
             return False, False
-        tls.settimeout(0.5)
-        try:
-            return True, tls.recv(1) == b""
-        except TimeoutError:  # waiting for our preface: the handshake was accepted
-            return True, False
-        except OSError:  # an alert, a reset or a TLS-level EOF
-            return True, True
+        with tls:
+            tls.settimeout(0.5)
+            try:
+                return True, tls.recv(1) == b""
+            except TimeoutError:  # waiting for our preface: the handshake was accepted
+                return True, False
+            except OSError:  # an alert, a reset or a TLS-level EOF
+                return True, True
 
     def _verification_problem(self, host: str, port: int) -> str | None:
         """Why this client's roots reject the server's certificate chain, or None."""
@@ -223,7 +226,7 @@ class TransportCheck:
         context.set_alpn_protocols(["h2"])
         try:
             with socket.create_connection((host, port), PROBE_TIMEOUT_S) as raw:
-                with context.wrap_socket(raw, server_hostname=host):
+                with context.wrap_socket(raw, server_hostname=self.server_name or host):
                     return None
         except ssl.SSLCertVerificationError as e:
             return e.verify_message or str(e)
