@@ -281,7 +281,8 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             )
             self._check_size(size, convert.LOGITS_SIZE_ADVICE)
             result = await served.engine.logits(
-                tokens, config, deadline=convert.deadline_of(context), dtype=convert.torch_dtype(dtype)
+                tokens, config, deadline=convert.deadline_of(context),
+                dtype=convert.torch_dtype(dtype),
             )
             tracing.engine_done(result.timing)
             metadata = convert.metadata_to_proto(result.timing)
@@ -327,7 +328,8 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         the next request is read only when a response has been written, so a client that
         does not read stops being read (gRPC flow control then holds its sends).
         """
-        stream = _KeyedStream(self, method, answer, response_type, window, convert.deadline_of(context))
+        deadline = convert.deadline_of(context)
+        stream = _KeyedStream(self, method, answer, response_type, window, deadline)
         reader = asyncio.create_task(stream.read(request_iterator))
         try:
             while (item := await stream.results.get()) is not None:
