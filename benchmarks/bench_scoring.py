@@ -100,6 +100,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=2, help="served: proteins in flight")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--note", default="", help="what else the machine ran, for the heading")
     args = parser.parse_args(argv)
     args.modes = common.parse_modes(parser, args.modes, MODES)
     return args
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "residues": residues,
         "variants": 19 * residues,
         "rounds": args.rounds,
+        "note": args.note,
         "rows": rows,
     }
     common.emit(table_lines(payload), payload, args.json)
@@ -192,8 +194,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def table_lines(payload: dict) -> list[str]:
     lines = [
-        f"## Site-saturation maps by masked marginals: {payload['model']}, CPU "
-        f"(machine shared with other jobs while measured)",
+        f"## Site-saturation maps by masked marginals: {payload['model']}, CPU",
+        *([payload["note"]] if payload.get("note") else []),
         "",
         f"{payload['weights']}; {payload['device']}; {payload['proteins']} proteome proteins "
         f"({payload['residues']:,} residues, {payload['variants']:,} variants); "
