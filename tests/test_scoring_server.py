@@ -146,6 +146,32 @@ async def test_pseudo_log_likelihood_unary_and_stream(model):
         assert to_numpy(streamed[key].log_probs).shape == (len(sequences[key]),)
 
 
+async def test_pll_stream_is_a_keyed_stream_like_embed(model):
+    """The PLL stream shares Embed's keyed-stream rules: ids unique within the stream and
+    bounded in length (an error item for that id, the stream goes on), and it is counted per
+    item in the metrics."""
+    good = pb.ESMProtein(sequence="MKTAYIAKQR")
+    requests = [
+        pb.PseudoLogLikelihoodRequest(id="p", protein=good),
+        pb.PseudoLogLikelihoodRequest(id="p", protein=good),
+        pb.PseudoLogLikelihoodRequest(id="x" * 1025, protein=good),
+        pb.PseudoLogLikelihoodRequest(id="q", protein=good),
+    ]
+    async with running_server(model, server_config()) as running:
+        answers = [r async for r in running.stub.PseudoLogLikelihoodStream(iter(requests))]
+        counted = running.scrape()
+    errors = {r.id: r.error for r in answers if r.HasField("error")}
+    ok = sorted(r.id for r in answers if not r.HasField("error"))
+    assert len(answers) == 4 and ok == ["p", "q"]
+    assert errors["p"].code == "INVALID_ARGUMENT"
+    assert "id 'p' was already used in this stream; ids must be unique" in errors["p"].message
+    assert errors["x" * 1024].code == "INVALID_ARGUMENT"  # the echoed id is cut to the limit
+    assert "id: 1025 characters; the limit is 1024" in errors["x" * 1024].message
+    method = ("method", "PseudoLogLikelihoodStream")
+    assert counted[("esmc_requests_total", (("code", "OK"), method))] == 2
+    assert counted[("esmc_requests_total", (("code", "INVALID_ARGUMENT"), method))] == 2
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
