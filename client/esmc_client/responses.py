@@ -138,16 +138,23 @@ def parse_generate(message: pb.GenerateResponse) -> GenerateStep:
     )
 
 
+_AIO_WRITE_FAILED = "Internal error from Core"
+"""What ``grpc.aio`` reports, as ``INTERNAL``, when its core fails to send a request message
+of a client stream: the connection died under the stream (a server stopped or restarted)."""
+
+
 def rpc_error(error, attempts: int = 1) -> ESMCError:
     """A ``grpc.RpcError`` (sync or aio) -> :class:`ESMCError` with the status name, the
-    number of attempts made and the server's retry pushback (if any)."""
+    number of attempts made and the server's retry pushback (if any).
+
+    ``grpc.aio``'s local ``INTERNAL "Internal error from Core"`` (a request write the
+    transport failed; no server sends it) becomes ``UNAVAILABLE``, what it is, so that it is
+    retried like the same failure seen by the blocking client."""
     code = error.code() if callable(getattr(error, "code", None)) else None
     details = error.details() if callable(getattr(error, "details", None)) else None
     trailers = getattr(error, "trailing_metadata", None)
     pushback = pushback_ms(trailers()) if callable(trailers) else None
-    return ESMCError(
-        code.name if code is not None else "UNKNOWN",
-        details or "",
-        attempts=attempts,
-        pushback_ms=pushback,
-    )
+    name = code.name if code is not None else "UNKNOWN"
+    if name == "INTERNAL" and details == _AIO_WRITE_FAILED:
+        name, details = "UNAVAILABLE", f"the connection failed while sending ({details})"
+    return ESMCError(name, details or "", attempts=attempts, pushback_ms=pushback)
