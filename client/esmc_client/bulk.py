@@ -166,3 +166,23 @@ def make_chunks(
         EmbedChunk(numbered[start : start + batch_size], retry, budget, window)
         for start in range(0, len(numbered), batch_size)
     ]
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, total: int | None = None, desc: str = "embed"):
+    """A tqdm bar counting sequences (``total`` None: unknown), or a silent stand-in."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="seq", desc=desc)

@@ -29,7 +29,7 @@ from esmc_client import requests as rq
 from esmc_client import responses as rs
 from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
 from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
-from esmc_client.bulk import EmbedChunk, make_chunks
+from esmc_client.bulk import EmbedChunk, make_chunks, progress_bar
 from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, channel_options
 from esmc_client.replay import GenerationReplay, replay_seed
 from esmc_client.scoring import AsyncScoringCalls, ScoringCalls
@@ -336,7 +336,7 @@ class ESMCClient(ScoringCalls, _ClientBase):
         )
         results: list[EmbedResult | None] = [None] * len(items)
         lock = threading.Lock()
-        with _progress_bar(len(items), progress) as bar:
+        with progress_bar(progress, len(items), "embed") as bar:
 
             def record(done: list[tuple[int, EmbedResult]]) -> None:
                 with lock:
@@ -569,7 +569,7 @@ class AsyncESMCClient(AsyncScoringCalls, _ClientBase):
         )
         results: list[EmbedResult | None] = [None] * len(items)
         gate = asyncio.Semaphore(max(1, concurrency))
-        with _progress_bar(len(items), progress) as bar:
+        with progress_bar(progress, len(items), "embed") as bar:
 
             def record(done: list[tuple[int, EmbedResult]]) -> None:
                 for index, result in done:
@@ -662,22 +662,3 @@ def _generation_jobs(proteins, config, seeds) -> list[tuple[ProteinLike, Any, in
             f"(got {len(configs)} configs, {len(seeds)} seeds)"
         )
     return list(zip(proteins, configs, seeds))
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="seq", desc="embed")

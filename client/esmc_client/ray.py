@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from esmc_client.bulk import progress_bar
 from esmc_client.retry import RetryPolicy
 from esmc_client.fasta import read_fasta
 from esmc_client.types import EmbedResult, ESMCError
@@ -283,7 +284,7 @@ def run_job(
         compute=pool,
         **resources,
     )
-    with _progress_bar(progress) as bar:
+    with progress_bar(progress, desc="ray-embed") as bar:
         for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
             for key in ("written", "errors", "unfinished"):
                 setattr(summary, key, getattr(summary, key) + sum(batch[key].to_pylist()))
@@ -637,28 +638,6 @@ def _read_schema(fs, path: str):
 
 def _residues(sequence: str) -> int:
     return len(sequence.replace("<mask>", "_"))
-
-
-# --- progress -----------------------------------------------------------------------------
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def _progress_bar(enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(unit="seq", desc="ray-embed")
 
 
 # --- the command --------------------------------------------------------------------------
