@@ -29,8 +29,8 @@ from pathlib import Path
 
 import grpc
 
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGE_BYTES = 1024 * 1024 * 1024

@@ -27,8 +27,8 @@ import torch
 
 from esmc.config import ESMCConfig
 from esmc.model import ESMC
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server.app import create_server
 from esmc_server.config import BatchingConfig, ServerConfig
 

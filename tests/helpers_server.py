@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from esmc import ESMC, ESMCConfig
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server.app import Server, channel_options, create_server
 from esmc_server.config import BatchingConfig, ServerConfig
 

@@ -19,7 +19,7 @@ from esmc.inference import run_logits
 from esmc.runtime import cpu_capabilities, cpu_has_native_bf16, resolve_dtype
 from esmc.types import LogitsConfig
 from esmc.weights import save_safetensors
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server.app import load_model
 from esmc_server.config import ServerConfig
 from helpers.models import TINY, encode_all, pad, random_sequences, rel_err

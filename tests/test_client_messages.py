@@ -20,7 +20,7 @@ from esmc_client import (
 )
 from esmc_client import requests as rq
 from esmc_client import responses as rs
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_client.bulk import make_chunks
 from esmc_client.channel import channel_options
 from esmc_client.retry import CallRetries, pushback_ms, retryable

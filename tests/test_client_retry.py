@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from esmc_client import AsyncESMCClient, ESMCClient, ESMCError, RetryPolicy
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_client.responses import rpc_error
 from esmc_client.retry import retryable
 from esmc_client.tensors import from_numpy

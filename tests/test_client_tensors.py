@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_client.tensors import (
     bfloat16_bits_to_float32,
     dtype_enum,

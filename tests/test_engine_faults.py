@@ -37,8 +37,8 @@ from esmc.generation import generate
 from esmc.inference import run_logits
 from esmc.tokenizer import encode
 from esmc.types import GenerationConfig, LogitsConfig
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server.engine import Engine, EngineObserver
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = ROOT / "tools" / "gen_proto.py"
-PROTO_PACKAGE = ROOT / "client" / "esmc_client" / "_proto"
+PROTO_PACKAGE = ROOT / "protos" / "esmc_proto" / "v1"
 
 pytestmark = pytest.mark.unit
 
@@ -26,10 +26,10 @@ def test_committed_generated_code_is_fresh():
 
 
 def test_check_fails_on_an_edited_generated_file(tmp_path):
-    copy = tmp_path / "_proto"
+    copy = tmp_path / "v1"
     shutil.copytree(PROTO_PACKAGE, copy)
     assert _check("--out-root", str(copy)).returncode == 0
-    edited = copy / "esmc" / "v1" / "esmc_pb2_grpc.py"
+    edited = copy / "esmc_pb2_grpc.py"
     edited.write_text(edited.read_text() + "\n# edited by hand\n")
     result = _check("--out-root", str(copy))
     assert result.returncode == 1
@@ -37,9 +37,9 @@ def test_check_fails_on_an_edited_generated_file(tmp_path):
 
 
 def test_check_fails_on_a_missing_generated_file(tmp_path):
-    copy = tmp_path / "_proto"
+    copy = tmp_path / "v1"
     shutil.copytree(PROTO_PACKAGE, copy)
-    (copy / "esmc" / "v1" / "esmc_pb2.pyi").unlink()
+    (copy / "esmc_pb2.pyi").unlink()
     result = _check("--out-root", str(copy))
     assert result.returncode == 1
     assert "esmc_pb2.pyi" in result.stderr

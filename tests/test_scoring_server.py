@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from esmc import scoring
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from helpers.models import TINY, random_model, random_sequences
 from helpers_server import protein_request, running_server, server_config, to_numpy
 

@@ -204,7 +204,7 @@ async def test_full_queue_answers_429_which_the_forge_client_retries(model, tmp_
 
 
 def _logits_request(sequence: str):
-    from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+    from esmc_proto.v1 import esmc_pb2 as pb
 
     return pb.LogitsRequest(protein=pb.ESMProtein(sequence=sequence), config=pb.LogitsConfig(sequence=True))
 

@@ -37,8 +37,8 @@ from helpers_server import (
 
 from esmc import tokenizer
 from esmc.weights import save_safetensors
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server.app import PortInUse, channel_options, create_server
 from esmc_server.engine import Engine
 from esmc_server.servicer import PUSHBACK_KEY

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from esmc import tokenizer
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import convert
 from esmc_server.cli import build_parser, config_from_args
 from esmc_server.cli import main as cli_main

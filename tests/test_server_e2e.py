@@ -44,8 +44,8 @@ from esmc.types import (
     SamplingTrackConfig,
 )
 from esmc.weights import save_safetensors
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server.app import channel_options, create_server
 from esmc_server.engine import Engine
 

@@ -19,8 +19,8 @@ import pytest
 from helpers_server import protein_request, random_sequence, running_server, server_config
 from helpers_server import tiny_model
 
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 

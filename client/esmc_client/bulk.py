@@ -23,7 +23,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_client.requests import ProteinLike, embed_request
 from esmc_client.responses import parse_embed
 from esmc_client.retry import RetryBudget, RetryPolicy, retryable

@@ -27,8 +27,8 @@ import grpc.aio
 
 from esmc_client import requests as rq
 from esmc_client import responses as rs
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_client.bulk import EmbedChunk, make_chunks, progress_bar
 from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, channel_options
 from esmc_client.replay import GenerationReplay, replay_seed

@@ -59,7 +59,7 @@ from esm.utils.generation import iterative_sampling_tokens
 from esmc.sdk_api import drawn_seed
 from esmc_client.client import ESMCClient
 from esmc_client.types import ESMCError
-from esmc_server.errors import http_status
+from esmc_proto.status import http_status
 
 PAD_ID = 1
 _LOGITS_FIELDS = ("sequence", "return_embeddings", "return_hidden_states", "ith_hidden_layer")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_client.tensors import dtype_enum
 from esmc_client.types import GenerationConfig, LogitsConfig, SamplingConfig
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_client.retry import pushback_ms
 from esmc_client.tensors import to_numpy
 from esmc_client.types import (

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from esmc_client import responses as rs
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_client.tensors import to_numpy
 from esmc_client.types import ESMCError, ResponseMetadata
 

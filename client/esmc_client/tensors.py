@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 
 NUMPY_DTYPES: dict[int, str] = {
     pb.DTYPE_FLOAT32: "<f4",

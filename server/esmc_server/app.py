@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from esmc.model import ESMC
 from esmc.runtime import resolve_dtype
 from esmc.weights import default_device
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import tracing
 from esmc_server.config import ServerConfig
 from esmc_server.metrics import Metrics

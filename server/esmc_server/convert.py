@@ -33,7 +33,7 @@ from esmc.types import (
     SamplingConfig,
     SamplingTrackConfig,
 )
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server.errors import InvalidRequest
 
 # wire dtype -> (torch dtype, little-endian numpy dtype of the raw bytes)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_client.requests import embed_request
 from esmc_client.types import EmbedResult, ESMCError, ResponseMetadata
 from esmc_server import convert

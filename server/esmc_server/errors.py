@@ -4,9 +4,8 @@ Messages are shown to clients as they are: they name the field, the size and the
 never carry Python class names, file paths or tokens. ``retry_pushback_ms`` (when set) is sent
 as the ``grpc-retry-pushback-ms`` trailer so that clients back off before they retry.
 
-:data:`HTTP_STATUS` is the one mapping of those codes to HTTP statuses (the HTTP endpoint's
-answers and the ``esm`` SDK client's ``ESMProteinError.error_code``): 429 and 502/504 are
-what the ``esm`` SDK's Forge client and batch executor retry.
+The HTTP status of each code is the contract's (:mod:`esmc_proto.status`), shared with the
+client.
 """
 
 from __future__ import annotations
@@ -73,29 +72,3 @@ class Unauthenticated(ServiceError):
     """No token, or one the server does not accept (the message never echoes it)."""
 
     code = "UNAUTHENTICATED"
-
-
-HTTP_STATUS: dict[str, int] = {
-    "INVALID_ARGUMENT": 400,
-    "FAILED_PRECONDITION": 400,
-    "OUT_OF_RANGE": 400,
-    "UNAUTHENTICATED": 401,
-    "PERMISSION_DENIED": 403,
-    "NOT_FOUND": 404,
-    "ALREADY_EXISTS": 409,
-    "ABORTED": 409,
-    "RESOURCE_EXHAUSTED": 429,
-    "CANCELLED": 499,
-    "INTERNAL": 500,
-    "UNKNOWN": 500,
-    "DATA_LOSS": 500,
-    "UNIMPLEMENTED": 501,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-}
-"""HTTP status of each gRPC status name (``ServiceError.code``)."""
-
-
-def http_status(code: str) -> int:
-    """The HTTP status for a gRPC status name (500 for a name not in the table)."""
-    return HTTP_STATUS.get(code, 500)

@@ -17,7 +17,7 @@ Requests carry ``Authorization: Bearer <token>`` when the server has tokens (the
 and check as gRPC). Inputs go through the gRPC servicer's readers (:mod:`esmc_server.convert`),
 so both fronts accept and refuse the same things with the same messages. Errors answer
 ``{"detail": message, "code": gRPC status name}`` with the status of
-:data:`esmc_server.errors.HTTP_STATUS` (400, 401, 404, 429, 503, 504...); the Forge client
+:data:`esmc_proto.status.HTTP_STATUS` (400, 401, 404, 429, 503, 504...); the Forge client
 retries 429, 502 and 504. Responses are always ``application/json`` (the client also accepts
 it when it asks for pickle) and are serialised off the event loop.
 """
@@ -35,14 +35,14 @@ from typing import Any
 from aiohttp import web
 
 from esmc.config import OFFICIAL_NAMES
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.status import http_status
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import convert
 from esmc_server.errors import (
     InvalidRequest,
     ServiceError,
     Unauthenticated,
     Unavailable,
-    http_status,
 )
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import time
 
 from esmc import scoring
 from esmc.types import LogitsConfig
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import convert
 from esmc_server.config import BatchingConfig
 from esmc_server.errors import InvalidRequest

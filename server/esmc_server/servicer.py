@@ -31,8 +31,8 @@ import grpc
 
 from esmc import tokenizer
 from esmc.model import ESMC
-from esmc_client._proto.esmc.v1 import esmc_pb2 as pb
-from esmc_client._proto.esmc.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server import convert, tracing
 from esmc_server.config import ServerConfig
 from esmc_server.errors import Cancelled, InternalError, InvalidRequest
