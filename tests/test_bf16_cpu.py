@@ -23,7 +23,8 @@ from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server.app import load_model
 from esmc_server.config import ServerConfig
 from helpers.models import TINY, encode_all, pad, random_sequences, rel_err
-from helpers_server import protein_request, running_server, server_config, to_numpy
+from helpers.inprocess import running_server, server_config
+from helpers.wire import protein_request, to_numpy
 
 pytestmark = pytest.mark.model
 TOLERANCE = 2e-2

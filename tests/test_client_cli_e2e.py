@@ -24,14 +24,12 @@ from esmc_client.cli import main as cli_main
 from esmc_client.outputs import read_embeddings
 from esmc_server.config import BatchingConfig, ServerConfig
 from helpers.checkpoints import write_legacy_repo
-from helpers_client import ThreadServer
-from helpers_server import free_port
+from helpers.data import ROOT, proteome_path
+from helpers.inprocess import ThreadServer
+from helpers.processes import free_port
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[1]
-PROTEOME_CANDIDATES = [ROOT.parent / "shared" / "data" / "proteome.fasta",
-                       ROOT.parents[1] / "shared" / "data" / "proteome.fasta"]
 
 
 def tiny() -> ESMC:
@@ -155,8 +153,6 @@ def test_long_proteins_error_truncate_or_skip(served, tmp_path, capsys):
 
 
 def test_proteins_the_server_refuses_as_too_long_get_a_hint(tmp_path, capsys):
-    if "max_length" not in ServerConfig.__dataclass_fields__:
-        pytest.skip("needs the server's --max-length setting")
     server = ThreadServer(tiny(), ServerConfig(port=0, metrics_port=None, warmup=False,
                                                max_length=8))
     try:
@@ -226,13 +222,6 @@ def test_errors_print_the_status_once(served, capsys):
 # --- the README's embed example on the whole shipped proteome -------------------------------
 
 
-def _proteome() -> Path:
-    for path in PROTEOME_CANDIDATES:
-        if path.exists():
-            return path
-    pytest.skip("the shipped proteome (../shared/data/proteome.fasta) is not here")
-
-
 def _readme_embed_command() -> list[str]:
     for line in (ROOT / "README.md").read_text().splitlines():
         if line.startswith("esmc embed ../shared/data/proteome.fasta"):
@@ -242,9 +231,7 @@ def _readme_embed_command() -> list[str]:
 
 def test_readme_embed_example_on_the_whole_proteome(tmp_path):
     """2,100 proteins (5 longer than 2,046 residues) against `esmc serve`: exit 0, 2,100 ids."""
-    if "max_length" not in ServerConfig.__dataclass_fields__:
-        pytest.skip("needs the server's --max-length setting")
-    proteome = _proteome()
+    proteome = proteome_path()
     command = _readme_embed_command()
     command[command.index("../shared/data/proteome.fasta")] = str(proteome)
     output = Path(command[command.index("-o") + 1])

@@ -22,8 +22,10 @@ import torch
 from esmc import ESMC, ESMCConfig
 from esmc_client import AsyncESMCClient, ESMCClient, ESMCError, RetryPolicy
 from esmc_server.config import BatchingConfig, ServerConfig
-from helpers_client import ThreadServer, requests_by_code
-from helpers_server import free_port, random_sequence
+from helpers.inprocess import ThreadServer
+from helpers.metrics import requests_by_code
+from helpers.models import random_sequence
+from helpers.processes import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -24,14 +24,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers.faults import POISON, RELEASE, FaultyExecutor, FaultyModel
-from helpers_server import (
-    free_port,
-    protein_request,
-    running_server,
-    server_config,
-    tiny_model,
-    to_numpy,
-)
+from helpers.inprocess import running_server, server_config
+from helpers.models import seeded_model
+from helpers.processes import free_port
+from helpers.wire import protein_request, to_numpy
 
 from esmc.generation import generate
 from esmc.inference import run_logits
@@ -50,7 +46,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(d_model=64, n_heads=2, n_layers=2, seed=3)
+    return seeded_model(d_model=64, n_heads=2, n_layers=2, seed=3)
 
 
 def faulty_server(model, *, executor=None, observer=None, forward_timeout_s=None):

@@ -9,7 +9,6 @@ partial run. The model is a random one-layer d=64 ESMC (the whole proteome in se
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 import threading
@@ -27,21 +26,20 @@ pytest.importorskip("pyarrow.csv")
 import torch  # noqa: E402
 
 from esmc import ESMC, ESMCConfig  # noqa: E402
-from esmc.config import TRAINED_CONTEXT  # noqa: E402
 from esmc.tokenizer import encode  # noqa: E402
 from esmc.types import ESMProteinTensor, LogitsConfig  # noqa: E402
 from esmc.weights import save_safetensors  # noqa: E402
 from esmc_client.cli import build_parser, main  # noqa: E402
 from esmc_client.fasta import read_fasta  # noqa: E402
 from esmc_client.ray import embed_with_servers  # noqa: E402
-from esmc_server.config import ServerConfig  # noqa: E402
-from helpers_serve import ServeProcess, proteome_path, requests_served  # noqa: E402
+from helpers.data import proteome_path  # noqa: E402
+from helpers.metrics import requests_served  # noqa: E402
+from helpers.processes import ServeProcess  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 CONFIG = ESMCConfig(d_model=64, n_heads=1, n_layers=1)
-HAS_MAX_LENGTH = "max_length" in {f.name for f in dataclasses.fields(ServerConfig)}
-SERVE_OPTIONS = ["--max-length", "8192"] if HAS_MAX_LENGTH else []
+SERVE_OPTIONS = ["--max-length", "8192"]
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +61,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def proteome() -> Path:
-    path = proteome_path()
-    if path is None:
-        pytest.skip("../shared/data/proteome.fasta is not there")
-    return path
+    return proteome_path()
 
 
 def read_output(directory: Path) -> pa.Table:
@@ -81,7 +76,7 @@ def test_servers_whole_proteome_survives_a_killed_replica_and_resumes(
     weights, local_ray, proteome, tmp_path
 ):
     records = dict(read_fasta(proteome))
-    limit = 8190 if HAS_MAX_LENGTH else TRAINED_CONTEXT - 2
+    limit = 8190
     too_long = {uid for uid, seq in records.items() if len(seq) > limit}
     a = ServeProcess(str(weights), SERVE_OPTIONS).start()
     b = ServeProcess(str(weights), SERVE_OPTIONS).start()

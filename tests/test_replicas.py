@@ -28,7 +28,9 @@ from esmc.fasta import read_fasta
 from esmc.model import ESMC
 from esmc.weights import save_safetensors
 from esmc_client import ESMCClient, GenerationConfig, LogitsConfig
-from helpers_serve import ServeProcess, loop_thread, proteome_path, serving_on
+from helpers.data import proteome_path
+from helpers.inprocess import loop_thread, serving_on
+from helpers.processes import ServeProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -53,8 +55,6 @@ def weights(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def proteins() -> list[tuple[str, str]]:
     path = proteome_path()
-    if path is None:
-        pytest.skip("the shared proteome (../shared/data/proteome.fasta) is not here")
     records = [r for r in read_fasta(path) if len(r[1]) <= MAX_RESIDUES]
     assert len(records) >= N_EMBED
     return records[:N_EMBED]

@@ -18,7 +18,8 @@ import torch
 from esmc import scoring
 from esmc_proto.v1 import esmc_pb2 as pb
 from helpers.models import TINY, random_model, random_sequences
-from helpers_server import protein_request, running_server, server_config, to_numpy
+from helpers.inprocess import running_server, server_config
+from helpers.wire import protein_request, to_numpy
 
 pytestmark = pytest.mark.e2e
 WILD_TYPE = random_sequences([37], seed=7)[0]

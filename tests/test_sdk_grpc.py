@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from esmc.tokenizer import decode, encode
-from helpers.models import pad, reference_esmc, rel_err
-from helpers_server import running_server, server_config, tiny_model
+from helpers.inprocess import running_server, server_config
+from helpers.models import pad, reference_esmc, rel_err, seeded_model
 
 pytestmark = [pytest.mark.parity, pytest.mark.e2e]
 pytest.importorskip("esm")
@@ -32,7 +32,7 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(d_model=128, n_heads=2, n_layers=2, seed=5)
+    return seeded_model(d_model=128, n_heads=2, n_layers=2, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from esmc.tokenizer import encode
 from esmc_client import ESMCClient, LogitsConfig
 from esmc_server.cli import build_parser, config_from_args
 from esmc_server.config import ServerConfig
-from helpers_server import running_server, server_config, tiny_model
+from helpers.inprocess import running_server, server_config
+from helpers.models import seeded_model
 
 pytestmark = [pytest.mark.parity, pytest.mark.e2e]
 pytest.importorskip("esm")
@@ -34,7 +35,7 @@ SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQ"
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(d_model=64, n_heads=1, n_layers=3, seed=2)
+    return seeded_model(d_model=64, n_heads=1, n_layers=3, seed=2)
 
 
 def http_config(tmp_path, **batching) -> ServerConfig:

@@ -31,7 +31,8 @@ from esmc_client.cli import main as cli_main
 from esmc_client.security import probe_address
 from esmc_server import auth
 from esmc_server.config import ServerConfig
-from helpers_serve import ServeProcess, loop_thread, serving_on
+from helpers.inprocess import loop_thread, serving_on
+from helpers.processes import ServeProcess
 
 pytestmark = pytest.mark.e2e
 

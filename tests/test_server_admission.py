@@ -25,15 +25,10 @@ import pytest
 import pytest_asyncio
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers_server import (
-    free_port,
-    protein_request,
-    random_sequence,
-    running_server,
-    server_config,
-    serving_port,
-    tiny_model,
-)
+from helpers.inprocess import running_server, server_config
+from helpers.models import random_sequence, seeded_model
+from helpers.processes import free_port, serving_port
+from helpers.wire import protein_request
 
 from esmc import tokenizer
 from esmc.weights import save_safetensors
@@ -51,7 +46,7 @@ FOUR_MIB = 4 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(d_model=64, n_heads=2, n_layers=3, seed=0)
+    return seeded_model(d_model=64, n_heads=2, n_layers=3, seed=0)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -150,7 +145,7 @@ async def test_mask_literals_count_as_one_residue(srv):
 
 
 async def test_response_over_the_message_limit_is_refused_not_computed():
-    model = tiny_model(d_model=512, n_heads=8, n_layers=2, seed=3)
+    model = seeded_model(d_model=512, n_heads=8, n_layers=2, seed=3)
     config = server_config(max_wait_ms=0, max_message_bytes=FOUR_MIB)
     async with running_server(model, config) as big:
         forwards = big.engine.stats.forwards
@@ -355,7 +350,7 @@ async def test_port_taken_fails_at_start(model, tmp_path):
 
 async def test_sigterm_shows_not_serving_during_the_drain_delay(tmp_path):
     weights = tmp_path / "model.safetensors"
-    save_safetensors(tiny_model(d_model=64, n_heads=2, n_layers=2, seed=5), weights)
+    save_safetensors(seeded_model(d_model=64, n_heads=2, n_layers=2, seed=5), weights)
     log_path = tmp_path / "serve.log"
     command = [
         sys.executable, "-m", "esmc_server.cli", "serve", "--model", str(weights),

@@ -22,16 +22,10 @@ import pytest_asyncio
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers_server import (
-    free_port,
-    protein_request,
-    random_sequence,
-    running_server,
-    server_config,
-    serving_port,
-    tiny_model,
-    to_numpy,
-)
+from helpers.inprocess import running_server, server_config
+from helpers.models import random_sequence, seeded_model
+from helpers.processes import free_port, serving_port
+from helpers.wire import protein_request, to_numpy
 
 from esmc import tokenizer
 from esmc.generation import forward_and_sample, generate
@@ -63,7 +57,7 @@ FULL_OUTPUT = dict(
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(d_model=64, n_heads=2, n_layers=3, seed=0)
+    return seeded_model(d_model=64, n_heads=2, n_layers=3, seed=0)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -609,7 +603,7 @@ async def test_full_queue_answers_resource_exhausted(narrow):
 
 
 async def test_longest_protein_hidden_states_above_4mb():
-    model = tiny_model(d_model=256, n_heads=4, n_layers=3, seed=1)
+    model = seeded_model(d_model=256, n_heads=4, n_layers=3, seed=1)
     async with running_server(
         model,
         server_config(
@@ -739,7 +733,7 @@ async def test_metrics_endpoint(srv):
 
 async def test_sigterm_finishes_calls_in_flight_and_refuses_new_ones(tmp_path):
     weights = tmp_path / "model.safetensors"
-    save_safetensors(tiny_model(d_model=64, n_heads=2, n_layers=2, seed=5), weights)
+    save_safetensors(seeded_model(d_model=64, n_heads=2, n_layers=2, seed=5), weights)
     log_path = tmp_path / "serve.log"
     command = [
         sys.executable,

@@ -16,8 +16,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from helpers_server import protein_request, random_sequence, running_server, server_config
-from helpers_server import tiny_model
+from helpers.inprocess import running_server, server_config
+from helpers.models import random_sequence, seeded_model
+from helpers.wire import protein_request
 
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
@@ -62,7 +63,7 @@ async def logits_latency(running) -> float:
 
 
 async def test_unread_embed_stream_is_bounded_then_cancelled_when_idle():
-    model = tiny_model(d_model=64, n_heads=2, n_layers=2, seed=4)
+    model = seeded_model(d_model=64, n_heads=2, n_layers=2, seed=4)
     settings = dict(embed_window=WINDOW, stream_idle_timeout_s=IDLE_S)
     async with running_server(model, server_config(max_wait_ms=2, settings=settings)) as srv:
         rng = np.random.default_rng(11)
@@ -113,7 +114,7 @@ async def test_unread_generate_streams_stop_being_computed_then_are_cancelled():
     probing off; gRPC's default probing grows it to ~4 MiB per stream, measured in the
     README), so each stream gets about 64 KiB of steps (~145 of 400) computed, then waits
     until the idle timeout cancels it. Memory stays flat and Logits keeps its latency."""
-    model = tiny_model(d_model=64, n_heads=2, n_layers=2, seed=4)
+    model = seeded_model(d_model=64, n_heads=2, n_layers=2, seed=4)
     settings = dict(stream_idle_timeout_s=IDLE_S)
     streams, residues, steps = 20, 400, 400
     async with running_server(model, server_config(max_wait_ms=2, settings=settings)) as srv:
@@ -175,7 +176,7 @@ async def test_unread_generate_streams_stop_being_computed_then_are_cancelled():
 
 async def test_a_reading_embed_stream_gets_every_response():
     """The window only delays: 500 requests through a window of 4, all answered in order."""
-    model = tiny_model(d_model=64, n_heads=2, n_layers=2, seed=4)
+    model = seeded_model(d_model=64, n_heads=2, n_layers=2, seed=4)
     async with running_server(model, server_config(settings=dict(embed_window=4))) as srv:
 
         async def requests():

@@ -25,7 +25,7 @@ from esmc.model import ESMC  # noqa: E402
 from esmc_client import ESMCClient, ESMCError, GenerationConfig, LogitsConfig  # noqa: E402
 from esmc_server import tracing  # noqa: E402
 from esmc_server.config import ServerConfig  # noqa: E402
-from helpers_serve import loop_thread, serving_on  # noqa: E402
+from helpers.inprocess import loop_thread, serving_on
 
 pytestmark = pytest.mark.e2e
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,9 +32,23 @@ def random_model(config: ESMCConfig = TINY, seed: int = 0) -> ESMC:
     return randomize_(ESMC(config), seed=seed).eval()
 
 
+def seeded_model(d_model: int = 64, n_heads: int = 2, n_layers: int = 3, seed: int = 0) -> ESMC:
+    """An ESMC with torch's default initialisation under ``seed``, float32 on the CPU, eval
+    mode: the same for the same arguments (the servers' tests use these shapes)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ESMC(ESMCConfig(d_model=d_model, n_heads=n_heads, n_layers=n_layers))
+    return model.eval()
+
+
 def random_sequences(lengths: list[int], seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return ["".join(rng.choice(AMINO_ACIDS) for _ in range(n)) for n in lengths]
+
+
+def random_sequence(rng: np.random.Generator, length: int) -> str:
+    """One random protein of ``length`` residues drawn from ``rng``."""
+    return "".join(rng.choice(list(AMINO_ACIDS), size=length))
 
 
 def pad(tokens: list[torch.Tensor]) -> torch.Tensor:

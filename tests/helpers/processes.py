@@ -1,43 +1,34 @@
 """Real ``esmc serve`` processes for tests: start on free ports, wait for SERVING, signal, kill.
 
-Each process runs torch on one thread (``--threads 1`` where the server has it, else
-``OMP_NUM_THREADS=1``) and writes its log to a file the test can read.
+Each process runs torch on one thread (``OMP_NUM_THREADS=1``) and writes its log to a file
+the test can read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
+import re
 import signal
-import threading
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from helpers_server import free_port, scrape_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
+from .metrics import Samples, scrape_metrics
 
 
-def proteome_path() -> Path | None:
-    """The shared proteome (``../shared/data/proteome.fasta`` beside the checkout), if present."""
-    candidates = [
-        os.environ.get("ESMC_PROTEOME"),
-        ROOT.parent / "shared" / "data" / "proteome.fasta",
-        ROOT / "shared" / "data" / "proteome.fasta",
-        Path("/work/shared/data/proteome.fasta"),
-    ]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
+def free_port() -> int:
+    """A port free right now (for the rare test that must know it before the server binds)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class ServeProcess:
@@ -128,7 +119,7 @@ class ServeProcess:
     def log_text(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
 
-    def metrics(self) -> dict[tuple[str, tuple], float]:
+    def metrics(self) -> Samples:
         """The metrics endpoint: ``{(sample name, sorted labels): value}``."""
         return scrape_metrics(self.metrics_port)
 
@@ -141,45 +132,14 @@ class ServeProcess:
         os.unlink(self._log.name)
 
 
-def requests_served(metrics: dict[tuple[str, tuple], float], method: str) -> float:
-    """How many ``method`` calls (any status) a server's metrics counted."""
-    return sum(
-        value
-        for (name, labels), value in metrics.items()
-        if name == "esmc_requests_total" and ("method", method) in labels
-    )
-
-
-# --- in-process servers on their own event-loop thread ----------------------------------------
-
-
-@contextlib.contextmanager
-def loop_thread() -> Iterator[asyncio.AbstractEventLoop]:
-    """An asyncio loop running on a daemon thread (servers there; blocking clients here)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="esmc-test-loop", daemon=True)
-    thread.start()
-    try:
-        yield loop
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-
-
-@contextlib.contextmanager
-def serving_on(loop, model, metrics: bool = True, tracer_provider=None, **settings):
-    """``create_server`` on ``loop`` with ``model`` on port 0 and ``settings`` (ServerConfig
-    fields); yields the Server (its ``port``, ``metrics_port``...), stopped at the end."""
-    from esmc_server.app import create_server
-    from esmc_server.config import BatchingConfig, ServerConfig
-
-    config = ServerConfig(
-        port=0, metrics_port=0 if metrics else None, warmup=False,
-        batching=BatchingConfig(max_wait_ms=1.0), **settings,
-    )
-    coroutine = create_server(config, model=model, tracer_provider=tracer_provider)
-    server, _ = asyncio.run_coroutine_threadsafe(coroutine, loop).result(120)
-    try:
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(2), loop).result(60)
+async def serving_port(log_path: Path, process, timeout: float = 120.0) -> int:
+    """The port an ``esmc serve`` subprocess (an asyncio one) logs once it serves (its log
+    file is read)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", log_path.read_text())
+        if match:
+            return int(match.group(1))
+        assert process.returncode is None, log_path.read_text()
+        await asyncio.sleep(0.1)
+    raise AssertionError("the server did not start:\n" + log_path.read_text())
