@@ -1,7 +1,9 @@
 """Bearer-token auth: a token store re-read on SIGHUP and a gRPC server interceptor.
 
-The tokens file holds one token per line (blank lines and lines starting with ``#`` are
-skipped). Only SHA-256 digests of the tokens are kept in memory, and a presented token is
+The tokens file holds one token per line, ``name:token`` (blank lines and lines starting
+with ``#`` are skipped). The name is the caller the token's calls are charged and counted to
+(:mod:`esmc_server.calls`); a bare token is named ``token-`` and the first 8 hex digits of its
+SHA-256, a stable name that does not reveal it. Only SHA-256 digests of the tokens are kept in memory, and a presented token is
 compared with every one of them with :func:`hmac.compare_digest`, so the time a check takes
 says nothing about how much of a token matched, nor which one. Tokens are never logged, never
 echoed in an error message and never put in a metric label.
@@ -17,11 +19,13 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import threading
 from collections.abc import Awaitable, Callable
 
 import grpc
 
+from esmc_server.calls import CURRENT_CALLER, Caller
 from esmc_server.errors import Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -32,11 +36,24 @@ REFLECTION_PREFIX = "/grpc.reflection."
 _SCHEME = "bearer"
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def read_tokens(path: str | os.PathLike) -> list[str]:
-    """The tokens of ``path``: one per line, stripped; blank and ``#`` lines skipped."""
+    """The lines of ``path`` that hold a token (``name:token`` or a bare token), stripped;
+    blank and ``#`` lines skipped."""
     with open(path, encoding="utf-8") as handle:
         lines = (line.strip() for line in handle)
         return [line for line in lines if line and not line.startswith("#")]
+
+
+def named_token(line: str) -> tuple[str, str]:
+    """``(name, token)`` of a tokens-file line: ``name:token``, where the name is 1-64 of
+    ``[A-Za-z0-9._-]``; anything else is a bare token, named ``token-<8 hex of its sha256>``."""
+    name, sep, token = line.partition(":")
+    if sep and token.strip() and _NAME.fullmatch(name.strip()):
+        return name.strip(), token.strip()
+    return "token-" + hashlib.sha256(line.encode("utf-8")).hexdigest()[:8], line
 
 
 def _digest(token: str) -> bytes:
@@ -64,7 +81,7 @@ class TokenStore:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._lock = threading.Lock()
-        self._digests: tuple[bytes, ...] = ()
+        self._digests: tuple[tuple[bytes, str], ...] = ()  # (sha256 of the token, its name)
         self.reload()
 
     def __len__(self) -> int:
@@ -78,7 +95,8 @@ class TokenStore:
             raise ValueError(f"cannot read the auth tokens file {self.path}: {e.strerror}") from None
         if not tokens:
             raise ValueError(f"the auth tokens file {self.path} holds no token")
-        digests = tuple(dict.fromkeys(_digest(token) for token in tokens))
+        named = (named_token(line) for line in tokens)
+        digests = tuple({_digest(token): name for name, token in named}.items())
         with self._lock:
             self._digests = digests
         return len(digests)
@@ -92,21 +110,32 @@ class TokenStore:
         else:
             log.info("auth tokens reloaded from %s: %d token(s)", self.path, count)
 
-    def allows_token(self, token: str | None) -> bool:
-        """Whether ``token`` is one of the tokens; constant time in the token's content."""
+    def name_of(self, token: str | None) -> str | None:
+        """The name of ``token`` when it is one of the tokens (else None); constant time in
+        the token's content."""
         if not token:
-            return False
+            return None
         presented = _digest(token)
         with self._lock:
             digests = self._digests
-        matched = False
-        for digest in digests:  # no early exit: every digest is compared
-            matched |= hmac.compare_digest(presented, digest)
-        return matched
+        found = None
+        for digest, name in digests:  # no early exit: every digest is compared
+            if hmac.compare_digest(presented, digest):
+                found = name
+        return found
+
+    def allows_token(self, token: str | None) -> bool:
+        """Whether ``token`` is one of the tokens; constant time in the token's content."""
+        return self.name_of(token) is not None
 
     def allows(self, authorization: str | None) -> bool:
         """Whether an ``authorization`` header value (``Bearer <token>``) is accepted."""
         return self.allows_token(bearer_token(authorization))
+
+    def caller(self, authorization: str | None) -> Caller | None:
+        """The caller an ``authorization`` header value names, or None when not accepted."""
+        name = self.name_of(bearer_token(authorization))
+        return None if name is None else Caller(name)
 
 
 def needs_token(method: str, protect_reflection: bool) -> bool:
@@ -152,7 +181,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not needs_token(method, self.protect_reflection):
             return handler
         header = _metadata_value(handler_call_details.invocation_metadata, AUTHORIZATION)
-        if self.store.allows(header):
+        caller = self.store.caller(header)
+        if caller is not None:
+            CURRENT_CALLER.set(caller)  # the handler runs in this context: its caller
             return handler
         if self.on_refused is not None:
             self.on_refused(method)

@@ -10,9 +10,10 @@ admits a new request only once an earlier response has been written (a window ou
 engine's next step only once the previous message has been written, and a write that waits
 longer than ``stream_idle_timeout_s`` for the client to read cancels the call.
 
-Errors are plain :class:`ServiceError` exceptions below this module; :class:`_Outcome` is the
-one place that turns any exception into the status (or Embed item error) the client sees, logs
-it at the right level and counts it in the metrics once the client has seen it.
+Errors are plain :class:`ServiceError` exceptions below this module;
+:class:`esmc_server.outcome.Outcome` is the one place that turns any exception into the status
+(or Embed item error) the client sees, logs it at the right level and counts it in the metrics
+once the client has seen it. Keyed streams live in :mod:`esmc_server.streams`.
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata as importlib_metadata
 from typing import Any
-
-import grpc
 
 from esmc import tokenizer
 from esmc.model import ESMC
@@ -35,25 +32,19 @@ from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server import convert, tracing
 from esmc_server.config import ServerConfig
-from esmc_server.errors import Cancelled, InternalError, InvalidRequest
-from esmc_server.errors import ServiceError, Unavailable
+from esmc_server.engine import Engine
+from esmc_server.errors import Cancelled, InvalidRequest, Unavailable
 from esmc_server.metrics import Metrics
+from esmc_server.outcome import PUSHBACK_KEY, Outcome, abort
 from esmc_server.scoring import ScoringMethods
+from esmc_server.streams import keyed_stream
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ESMC"].full_name
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
-"""Trailing metadata telling clients how long to wait before they retry (gRPC's retry key)."""
-_DEADLINE_SLACK_S = 0.1
-"""A call cancelled this close to its deadline is counted as DEADLINE_EXCEEDED."""
+__all__ = ["ESMCServicer", "PUSHBACK_KEY", "SERVICE_NAME", "server_version"]
 RESPONSE_THREADS = 2
 """Threads that build response messages (tensor bytes) off the event loop."""
-
-
-def status_of(error: ServiceError) -> grpc.StatusCode:
-    """The gRPC status for a service error (``code`` names a ``grpc.StatusCode``)."""
-    return grpc.StatusCode[error.code]
 
 
 def server_version() -> str:
@@ -63,69 +54,11 @@ def server_version() -> str:
         return "unknown"
 
 
-def as_service_error(error: BaseException, what: str) -> ServiceError:
-    """What the client is told about ``error``; an unexpected one is logged with a reference."""
-    if isinstance(error, ServiceError):
-        return error
-    if isinstance(error, asyncio.CancelledError):
-        return Cancelled("the call was cancelled")
-    reference = uuid.uuid4().hex[:12]
-    log.error("%s failed (reference %s)", what, reference, exc_info=error)
-    return InternalError(f"handling this call (log reference {reference})")
-
-
-class _Outcome:
-    """One call, or one item of an Embed stream: its status code, logged and counted once."""
-
-    def __init__(self, metrics: Metrics, method: str):
-        self.metrics = metrics
-        self.method = method
-        self.start = time.perf_counter()
-        self.error: ServiceError | None = None
-        self._recorded = False
-
-    @property
-    def code(self) -> str:
-        return "OK" if self.error is None else self.error.code
-
-    def fail(self, error: BaseException) -> ServiceError:
-        """Remember the first failure (as the client will see it) and return it."""
-        if self.error is None:
-            self.error = as_service_error(error, self.method)  # logs unexpected ones (ERROR)
-            log.debug("%s: %s %s", self.method, self.error.code, self.error)
-        return self.error
-
-    def record(self, context=None) -> None:
-        """Count the outcome once, as the client sees it: a call that ended OK after its
-        client had gone counts as that (deadline passed, or cancelled). Sizes are checked
-        before a response is handed to gRPC, so an OK counted here is one gRPC can send."""
-        if self._recorded:
-            return
-        self._recorded = True
-        code = self.code
-        if code in ("OK", "CANCELLED") and context is not None:
-            remaining = context.time_remaining()
-            # the client's deadline fires first (its clock started earlier) and cancels the
-            # call a few milliseconds before the server's copy of the deadline passes
-            if remaining is not None and remaining <= _DEADLINE_SLACK_S:
-                code = "DEADLINE_EXCEEDED"
-            elif context.cancelled():
-                code = "CANCELLED"
-        self.metrics.on_request(self.method, code, time.perf_counter() - self.start)
-
-
-async def _abort(context, error: ServiceError) -> None:
-    metadata = ()
-    if error.retry_pushback_ms is not None:
-        metadata = ((PUSHBACK_KEY, str(error.retry_pushback_ms)),)
-    await context.abort(status_of(error), str(error), trailing_metadata=metadata)
-
-
 @dataclasses.dataclass(frozen=True)
-class _Served:
+class Attached:
     """What the servicer needs once the model is loaded."""
 
-    engine: Any  # esmc_server.engine.Engine
+    engine: Engine
     model: ESMC
     shapes: convert.Shapes
 
@@ -135,14 +68,14 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
 
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
         self._config = config
-        self._metrics = metrics or Metrics()
-        self._served: _Served | None = None
+        self.metrics = metrics or Metrics()
+        self._served: Attached | None = None
         self._pool = ThreadPoolExecutor(RESPONSE_THREADS, thread_name_prefix="esmc-respond")
         self._draining = False
 
-    def attach(self, engine, model: ESMC) -> None:
+    def attach(self, engine: Engine, model: ESMC) -> None:
         shapes = convert.Shapes(d_model=model.config.d_model, logits_width=model.config.vocab_rows)
-        self._served = _Served(engine, model, shapes)
+        self._served = Attached(engine, model, shapes)
 
     def detach(self) -> None:
         self._served = None
@@ -157,7 +90,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
     # -- plumbing -----------------------------------------------------------------------------
 
     @property
-    def _ready(self) -> _Served:
+    def _ready(self) -> Attached:
         if self._draining:
             raise Unavailable("the server is shutting down; retry on another replica")
         if self._served is None:
@@ -197,18 +130,18 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
 
     async def _unary(self, method: str, context, handler: Callable[[], Any]):
         """Run ``handler``; any error becomes its status (with pushback where it helps)."""
-        outcome = _Outcome(self._metrics, method)
+        outcome = Outcome(self.metrics, method)
         try:
             return await handler()
         except BaseException as e:
             error = outcome.fail(e)
             if isinstance(e, asyncio.CancelledError):
                 raise
-            await _abort(context, error)
+            await abort(context, error)
         finally:
             outcome.record(context)
 
-    async def _write(self, context, message) -> None:
+    async def write(self, context, message) -> None:
         """Write one stream message; a client that does not read for the idle timeout is cut."""
         timeout = self._config.stream_idle_timeout_s
         try:
@@ -311,49 +244,10 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
 
     # -- keyed bidirectional streams (Embed, PseudoLogLikelihoodStream) ------------------------
 
-    async def _keyed_stream(
-        self,
-        method: str,
-        request_iterator,
-        context,
-        answer: Callable[[Any, float | None], Any],
-        response_type,
-        window: int,
-    ) -> None:
-        """One response per request, in completion order, each with its request's ``id``.
-
-        ``answer(request, deadline)`` returns the serialized response; an error it raises
-        becomes that id's ``error`` (a ``response_type`` message), except ``UNAVAILABLE``,
-        which ends the stream. At most ``window`` requests are computed and not yet written:
-        the next request is read only when a response has been written, so a client that
-        does not read stops being read (gRPC flow control then holds its sends).
-        """
-        deadline = convert.deadline_of(context)
-        stream = _KeyedStream(self, method, answer, response_type, window, deadline)
-        reader = asyncio.create_task(stream.read(request_iterator))
-        try:
-            while (item := await stream.results.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                response, outcome = item
-                try:
-                    await self._write(context, response)
-                except BaseException as e:
-                    outcome.fail(e)
-                    raise
-                finally:
-                    outcome.record()
-                    stream.window.release()
-        except BaseException as e:
-            if not isinstance(e, asyncio.CancelledError):
-                error = as_service_error(e, method)
-                log.debug("%s stream: %s %s", method, error.code, error)
-                await _abort(context, error)
-            raise
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-            stream.cancel()
+    async def _keyed_stream(self, method: str, request_iterator, context, answer,
+                            response_type, window: int) -> None:
+        """A keyed stream (:func:`esmc_server.streams.keyed_stream`) over this servicer."""
+        await keyed_stream(self, method, request_iterator, context, answer, response_type, window)
 
     async def Embed(self, request_iterator, context) -> None:
         """Bulk embeddings: a keyed stream with ``embed_window`` requests outstanding."""
@@ -388,14 +282,14 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         The deadline covers the whole stream; a client that cancels, goes away or stops
         reading closes the engine's iterator, which drops the generation before its next step.
         """
-        outcome = _Outcome(self._metrics, "Generate")
+        outcome = Outcome(self.metrics, "Generate")
         try:
             await self._generate(request, context)
         except BaseException as e:
             error = outcome.fail(e)
             if isinstance(e, asyncio.CancelledError):
                 raise
-            await _abort(context, error)
+            await abort(context, error)
         finally:
             outcome.record(context)
 
@@ -421,98 +315,16 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
                     response = await self._build(
                         convert.generation_step_response, event.step, metadata
                     )
-                    await self._write(context, response)
+                    await self.write(context, response)
                     last_sent = event.step
                 if event.final or event.step.done:
                     final = await self._build(
                         convert.generation_final_response, event.step, totals.metadata()
                     )
-                    await self._write(context, final)
+                    await self.write(context, final)
                     return
         finally:
             await events.aclose()
-
-
-class _KeyedStream:
-    """The reading half of one keyed stream: a task per admitted request, results queued.
-
-    ``window`` is acquired before a request is read and released by the writer once that
-    request's response has been written. Ids are checked here, once for every keyed stream:
-    bounded in length and unique within the stream.
-    """
-
-    def __init__(self, servicer: ESMCServicer, method: str, answer, response_type,
-                 window: int, deadline: float | None):
-        self.servicer = servicer
-        self.method = method
-        self.answer = answer
-        self.response_type = response_type
-        self.deadline = deadline
-        self.results: asyncio.Queue = asyncio.Queue()
-        self.window = asyncio.Semaphore(window)
-        self.seen: set[str] = set()
-        self.tasks: set[asyncio.Task] = set()
-
-    async def read(self, request_iterator) -> None:
-        """Admit requests while the window allows; None once every one has been answered."""
-        try:
-            while True:
-                await self.window.acquire()
-                try:
-                    request = await anext(request_iterator)
-                except StopAsyncIteration:
-                    self.window.release()
-                    break
-                task = asyncio.create_task(self._answer(request))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-            if self.tasks:
-                await asyncio.gather(*self.tasks)
-            self.results.put_nowait(None)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the request stream itself failed
-            self.results.put_nowait(e)
-
-    def _check_id(self, request_id: str) -> None:
-        convert.stream_id_of(request_id)
-        if request_id in self.seen:
-            raise InvalidRequest(
-                f"id {request_id!r} was already used in this stream; ids must be unique"
-            )
-        self.seen.add(request_id)
-
-    async def _answer(self, request) -> None:
-        """This id's response, or this id's error: one bad sequence never ends the stream.
-
-        ``UNAVAILABLE`` (not ready, shutting down) ends the whole stream instead, with retry
-        pushback, so that clients reconnect (to another replica) rather than spend each id's
-        retries on a server that cannot answer any of them.
-        """
-        outcome = _Outcome(self.servicer._metrics, self.method)
-        try:
-            self._check_id(request.id)
-            response = await self.answer(request, self.deadline)
-        except asyncio.CancelledError:
-            outcome.fail(Cancelled("the call was cancelled"))
-            outcome.record()
-            raise
-        except Unavailable as e:  # loading or shutting down: the whole stream, not this id
-            outcome.fail(e)
-            outcome.record()
-            self.results.put_nowait(e)
-            return
-        except BaseException as e:
-            error = outcome.fail(e)
-            response = self.response_type(
-                id=request.id[: convert.MAX_ID_CHARS],
-                error=pb.Error(code=error.code, message=str(error)),
-            )
-        self.results.put_nowait((response, outcome))
-
-    def cancel(self) -> None:
-        for task in self.tasks:
-            task.cancel()
 
 
 class _StreamTotals:
