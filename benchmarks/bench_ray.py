@@ -5,9 +5,9 @@
 
 - ``esmc embed``: one client (``ESMCClient.embed``, what ``esmc embed`` runs) against one
   ``esmc serve`` replica;
-- ``ray-embed, N replicas``: :func:`esmc_client.ray.embed_with_servers` over ``--replicas``
+- ``ray-embed, N replicas``: :func:`esmc_ray.embed_with_servers` over ``--replicas``
   ``esmc serve`` processes, two client actors per replica;
-- ``ray-embed in-process``: :func:`esmc_client.ray.embed_in_process`, ``--actors`` model
+- ``ray-embed in-process``: :func:`esmc_ray.embed_in_process`, ``--actors`` model
   actors each running the server's engine on the CPU (``--server-threads`` torch threads).
 
 Every replica and actor gets ``--server-threads`` torch threads. Ray is started once
@@ -50,7 +50,7 @@ def main() -> None:
     import ray
 
     from esmc_client import ESMCClient
-    from esmc_client.ray import embed_in_process, embed_with_servers
+    from esmc_ray import embed_in_process, embed_with_servers
 
     records = common.load_proteins(args.fasta, args.limit)
     residues = sum(len(s) for _, s in records)

@@ -6,7 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from esmc_client.cli import build_parser, main, top_tokens_lines
+from esmc_client.cli import build_parser, main
+from esmc_client.cli_commands import top_tokens_lines
 from esmc_client.fasta import FastaError, read_fasta, residue_count, truncate
 from esmc_client.outputs import read_embeddings, write_embeddings
 

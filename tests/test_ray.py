@@ -29,9 +29,10 @@ from esmc import ESMC, ESMCConfig  # noqa: E402
 from esmc.tokenizer import encode  # noqa: E402
 from esmc.types import ESMProteinTensor, LogitsConfig  # noqa: E402
 from esmc.weights import save_safetensors  # noqa: E402
-from esmc_client.cli import build_parser, main  # noqa: E402
+from esmc_client.cli import main  # noqa: E402
 from esmc_client.fasta import read_fasta  # noqa: E402
-from esmc_client.ray import embed_with_servers  # noqa: E402
+from esmc_ray import embed_with_servers  # noqa: E402
+from esmc_ray.cli import embed_parser  # noqa: E402
 from helpers.data import proteome_path  # noqa: E402
 from helpers.metrics import requests_served  # noqa: E402
 from helpers.processes import ServeProcess  # noqa: E402
@@ -202,8 +203,8 @@ def test_resume_refuses_another_layer(weights, local_ray, tmp_path):
 
 
 def test_ray_embed_arguments():
-    args = build_parser().parse_args(
-        ["ray-embed", "a.fasta", "shards/", "-o", "out", "--targets", "h1:1,h2:2",
+    args = embed_parser().parse_args(
+        ["a.fasta", "shards/", "-o", "out", "--targets", "h1:1,h2:2",
          "--concurrency", "4", "--layer", "-2", "--pool", "none", "--address", "ray://head:10001"]
     )
     assert (args.inputs, args.output, args.targets) == (["a.fasta", "shards/"], "out", "h1:1,h2:2")

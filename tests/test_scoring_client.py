@@ -13,7 +13,7 @@ from esmc import scoring
 from esmc_client import AsyncESMCClient, ESMCClient, ESMCError
 from esmc_client.cli import build_parser
 from esmc_client.cli import main as cli_main
-from esmc_client.score_cli import rank_average, spearman, spearman_of
+from esmc_client.cli_score import rank_average, spearman, spearman_of
 from esmc_server.app import create_server
 from esmc_server.config import BatchingConfig, ServerConfig
 from helpers.models import TINY, random_model, random_sequences

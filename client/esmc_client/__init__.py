@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "DEFAULT_MAX_MESSAGE_BYTES": "esmc_client.channel",
     "DEFAULT_TARGET": "esmc_client.channel",
-    "AsyncESMCClient": "esmc_client.client",
+    "AsyncESMCClient": "esmc_client.aio",
     "ESMCClient": "esmc_client.client",
     "RetryBudget": "esmc_client.retry",
     "RetryPolicy": "esmc_client.retry",
@@ -43,7 +43,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from esmc_client.channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET
-    from esmc_client.client import AsyncESMCClient, ESMCClient
+    from esmc_client.aio import AsyncESMCClient
+    from esmc_client.client import ESMCClient
     from esmc_client.retry import RetryBudget, RetryPolicy
     from esmc_client.types import (
         BatchingLimits,

@@ -25,15 +25,20 @@ import numpy as np
 from esmc_client import responses as rs
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_client.tensors import to_numpy
-from esmc_client.types import ESMCError, ResponseMetadata
+from esmc_client.types import (
+    AMINO_ACIDS,
+    SCORING_METHODS,
+    SCORING_NORMALIZATIONS,
+    ESMCError,
+    ResponseMetadata,
+)
 
-AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
-METHODS = {
-    "masked-marginals": pb.MASKED_MARGINALS,
-    "wt-marginals": pb.WT_MARGINALS,
-    "pseudo-likelihood": pb.PSEUDO_LIKELIHOOD,
-}
-NORMALIZATIONS = {"full": pb.NORMALIZATION_FULL, "amino-acids": pb.NORMALIZATION_AMINO_ACIDS}
+METHODS = dict(
+    zip(SCORING_METHODS, (pb.MASKED_MARGINALS, pb.WT_MARGINALS, pb.PSEUDO_LIKELIHOOD))
+)
+NORMALIZATIONS = dict(
+    zip(SCORING_NORMALIZATIONS, (pb.NORMALIZATION_FULL, pb.NORMALIZATION_AMINO_ACIDS))
+)
 
 
 @dataclass(frozen=True)

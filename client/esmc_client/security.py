@@ -15,13 +15,6 @@ from pathlib import Path
 
 import grpc
 
-TOKEN_ENV = "ESMC_TOKEN"
-TLS_ENV = "ESMC_TLS"
-TLS_CA_ENV = "ESMC_TLS_CA"
-TLS_CERT_ENV = "ESMC_TLS_CERT"
-TLS_KEY_ENV = "ESMC_TLS_KEY"
-
-
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     """The call metadata carrying ``token``, or None without one."""
     if token is None:
@@ -67,18 +60,6 @@ def tls_credentials(
         private_key=read_pem(client_key, "client key"),
         certificate_chain=read_pem(client_certificate, "client certificate"),
     )
-
-
-def env_flag(environ, name: str) -> bool | None:
-    """A boolean environment variable (``1/true/yes/on``, ``0/false/no/off``), None if unset."""
-    text = environ.get(name, "").strip().lower()
-    if not text:
-        return None
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name}={text!r} is not a boolean")
 
 
 # -- telling a TLS mismatch from a server that is down ------------------------------------------

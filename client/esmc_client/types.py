@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # the column order of a site-saturation map
+SCORING_METHODS = ("masked-marginals", "wt-marginals", "pseudo-likelihood")
+SCORING_NORMALIZATIONS = ("full", "amino-acids")
+
 # --- inputs -------------------------------------------------------------------------------
 
 

@@ -3,6 +3,10 @@
     esmc score P12345.fasta --variants P12345_DMS.csv --method masked-marginals -o out.csv
     esmc score MKTAYIAKQR --plot map.png          # every single substitution, and the map
 
+The wild type is a sequence or a FASTA file; lowercase letters are refused unless
+``--uppercase`` (as in every ``esmc`` command). A missing file, a variants file without a
+``mutant`` column or a server that cannot be used is one line on stderr and exit status 2.
+
 The variants file is a CSV with a ``mutant`` column (``A23P`` or ``A23P:D45N``); it is written
 back with a score column added. With a ``DMS_score`` column the Spearman correlation between
 it and the scores is printed. Without ``--variants`` all 19 x L single substitutions are scored.
@@ -15,44 +19,54 @@ import argparse
 import csv
 import io
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from esmc_client.fasta import read_fasta
-from esmc_client.scoring import AMINO_ACIDS, METHODS, NORMALIZATIONS, VariantScores
+from esmc_client.cli_options import EXIT_OK, UPPERCASE_HINT, RunError, checked_sequence, connect
+from esmc_client.fasta import FastaError, first_lowercase, read_fasta
+from esmc_client.types import AMINO_ACIDS, SCORING_METHODS, SCORING_NORMALIZATIONS
+
+if TYPE_CHECKING:
+    from esmc_client.scoring import VariantScores
 
 MUTANT_COLUMN = "mutant"
 DMS_COLUMN = "DMS_score"
+_LETTERS = re.compile(r"[A-Za-z]+")
 
 
-def register(sub, common: argparse.ArgumentParser) -> None:
+def add_score_command(sub, common: argparse.ArgumentParser) -> None:
     """Add the ``score`` subcommand to ``sub`` (the ``esmc`` subparsers)."""
     p = sub.add_parser("score", parents=[common], help="variant-effect scores (ProteinGym CSV)")
     p.add_argument("wild_type", help="wild-type sequence, or a FASTA file (first record or --id)")
-    p.add_argument("--id", help="which record of the FASTA file is the wild type")
+    p.add_argument("--id", help="which record of the FASTA file is the wild type "
+                   "(default: the first)")
     p.add_argument("--variants", type=Path,
                    help="CSV with a 'mutant' column (ProteinGym DMS file); "
                    "default: every single substitution")
-    p.add_argument("--method", choices=tuple(METHODS), default="masked-marginals")
+    p.add_argument("--method", choices=SCORING_METHODS, default="masked-marginals",
+                   help="how a variant is scored")
     p.add_argument("--joint-masking", action="store_true",
                    help="masked-marginals: mask all positions of a multi-mutant together")
-    p.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default="full",
+    p.add_argument("--normalization", choices=SCORING_NORMALIZATIONS, default="full",
                    help="log_softmax over the 64 logits (full) or the 20 amino acids")
     p.add_argument("--offset", type=int, default=0,
                    help="subtracted from every position (positions are 1-based)")
     p.add_argument("--column", default="score", help="name of the score column written")
+    p.add_argument("--uppercase", action="store_true",
+                   help="upper-case the wild type (lowercase is refused otherwise)")
     p.add_argument("-o", "--output", type=Path, help="CSV to write (default: standard output)")
-    p.add_argument("--plot", type=Path, help="draw the site-saturation map to this image")
+    p.add_argument("--plot", type=Path,
+                   help="draw the site-saturation map to this image (default: no map)")
     p.set_defaults(run=cmd_score)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from esmc_client.cli import connect  # the CLI's one way to build a client from flags
-
-    wild_type = read_wild_type(args.wild_type, args.id)
+    wild_type = read_wild_type(args.wild_type, args.id, args.uppercase)
     fields, rows = read_variants(args.variants, wild_type, args.offset)
     with connect(args) as client:
         result = client.score(
@@ -74,7 +88,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         report = sys.stderr
     else:
-        args.output.write_text(text)
+        try:
+            args.output.write_text(text)
+        except OSError as error:
+            raise RunError(f"cannot write {args.output}: {error.strerror or error}") from None
         print(f"wrote {len(rows)} scores to {args.output}", file=sys.stderr)
     if DMS_COLUMN in fields:
         rho, n = spearman_of(rows, DMS_COLUMN, args.column)
@@ -83,25 +100,41 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot_saturation_map(result, wild_type, args.plot, f"{args.method}", args.offset)
         print(f"wrote the site-saturation map to {args.plot}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 # -- files ---------------------------------------------------------------------------------
 
 
-def read_wild_type(text: str, record_id: str | None) -> str:
+def read_wild_type(text: str, record_id: str | None, uppercase: bool = False) -> str:
+    """The wild type: ``text`` itself when it is a sequence, else the FASTA file it names
+    (its first record, or the one with id ``record_id``)."""
     path = Path(text)
     if not path.is_file():
+        if path.exists():
+            raise RunError(f"{text} is not a file (the wild type is a sequence or a FASTA file)")
         if record_id is not None:
-            raise SystemExit(f"esmc score: --id needs a FASTA file; {text!r} is not a file")
-        return text.strip().upper()
-    records = list(read_fasta(path, uppercase=True))  # as the sequence argument is upper-cased
+            raise RunError(f"--id needs a FASTA file; {text!r} is not a file")
+        if not _LETTERS.fullmatch(text.strip()):
+            raise RunError(f"{text}: no such file (and not a one-letter protein sequence)")
+        return checked_sequence(text.strip(), uppercase, "the wild type")
+    try:
+        records = list(read_fasta(path, uppercase=uppercase))
+    except FastaError as error:
+        raise RunError(str(error)) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
     if record_id is not None:
         records = [(name, seq) for name, seq in records if name == record_id]
     if not records:
         which = f" with id {record_id!r}" if record_id else ""
-        raise SystemExit(f"esmc score: no record{which} in {path}")
-    return records[0][1]
+        raise RunError(f"no record{which} in {path}")
+    name, sequence = records[0]
+    if hit := first_lowercase(sequence):
+        residue, letter = hit
+        raise RunError(f"{name} in {path} contains lowercase letters ({letter!r} at residue "
+                       f"{residue}); {UPPERCASE_HINT}")
+    return sequence
 
 
 def read_variants(path: Path | None, wild_type: str, offset: int) -> tuple[list[str], list[dict]]:
@@ -114,12 +147,16 @@ def read_variants(path: Path | None, wild_type: str, offset: int) -> tuple[list[
             if aa != wt
         ]
         return [MUTANT_COLUMN], [{MUTANT_COLUMN: m} for m in mutants]
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields = list(reader.fieldnames or [])
-        if MUTANT_COLUMN not in fields:
-            raise SystemExit(f"esmc score: {path} has no {MUTANT_COLUMN!r} column (has {fields})")
-        return fields, list(reader)
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields = list(reader.fieldnames or [])
+            if MUTANT_COLUMN not in fields:
+                raise RunError(f"{path} has no {MUTANT_COLUMN!r} column (its columns: "
+                               f"{', '.join(fields) or 'none'})")
+            return fields, list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise RunError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
 
 
 def write_csv(columns: Sequence[str], rows: Sequence[dict]) -> str:
@@ -178,8 +215,8 @@ def plot_saturation_map(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise SystemExit(
-            f"esmc score --plot needs matplotlib: pip install 'esmc-serve[plot]' ({error})"
+        raise RunError(
+            f"--plot needs matplotlib: pip install 'esmc-serve[plot]' ({error})"
         ) from None
     table = np.asarray(result.saturation_map, dtype=np.float64).T  # (20, L)
     columns = result.columns

@@ -3,7 +3,7 @@
 Input rows: ``id``, ``sequence`` (the wild type) and ``variant`` (``"K2P"``, or
 ``"K2P:A4D"`` for a multiple mutant; 1-based positions), column names set by
 ``--id-column``, ``--sequence-column``, ``--variant-column``. The pipeline is
-:mod:`esmc_client.ray`'s (skip ids already written, client actors spread over the targets,
+:mod:`esmc_ray.job`'s (skip ids already written, client actors spread over the targets,
 failover on transient errors, one parquet part per block written once), with
 :meth:`ESMCClient.score <esmc_client.scoring.ScoringCalls.score>` instead of ``embed``: the
 rows of a block that share a wild type are one ``ScoreVariants`` call. When the server
@@ -17,28 +17,14 @@ metadata ``esmc.kind`` (``variant-scores``), ``esmc.model``, ``esmc.method``,
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from esmc_client.ray import (
-    TRANSIENT_CODES,
-    JobSummary,
-    PartStore,
-    TargetPool,
-    add_job_arguments,
-    client_options,
-    error_column,
-    run_command,
-    run_job,
-    server_metadata,
-    targets_of,
-)
-from esmc_client.types import ESMCError
-
-METHODS = ("masked-marginals", "wt-marginals", "pseudo-likelihood")
-NORMALIZATIONS = ("full", "amino-acids")
+from esmc_client.types import SCORING_METHODS, SCORING_NORMALIZATIONS, ESMCError
+from esmc_ray.job import JobSummary, run_job
+from esmc_ray.parts import PartStore, error_column
+from esmc_ray.targets import TRANSIENT_CODES, TargetPool, server_metadata
 
 
 @dataclass(frozen=True)
@@ -74,8 +60,8 @@ def score_with_servers(
     variant_column: str = "variant",
 ) -> JobSummary:
     """Score the variants of ``inputs`` (parquet or CSV) into ``output`` through ``targets``."""
-    if method not in METHODS or normalization not in NORMALIZATIONS:
-        raise ValueError(f"method must be one of {METHODS}, normalization one of {NORMALIZATIONS}")
+    if method not in SCORING_METHODS or normalization not in SCORING_NORMALIZATIONS:
+        raise ValueError(f"method must be one of {SCORING_METHODS}, normalization one of {SCORING_NORMALIZATIONS}")
     client_options = dict(client_options or {})
     metadata = {
         "kind": "variant-scores", **server_metadata(targets, client_options),
@@ -142,27 +128,3 @@ def score_table(kept: list[tuple[tuple, VariantScore]], metadata: dict[str, str]
         "score": pa.array([r.score for r in results], pa.float32()),
         "error": error_column(results),
     })
-
-
-def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "ray-score", parents=[common],
-        help="score a parquet/CSV of variants on a Ray cluster into a parquet directory",
-    )
-    p.add_argument("inputs", nargs="+", help=".parquet or .csv files or directories of them")
-    add_job_arguments(p)
-    p.add_argument("--variant-column", default="variant", help='e.g. "K2P" or "K2P:A4D"')
-    p.add_argument("--method", choices=METHODS, default="masked-marginals")
-    p.add_argument("--normalization", choices=NORMALIZATIONS, default="full")
-    p.set_defaults(run=cmd_ray_score)
-
-
-def cmd_ray_score(args: argparse.Namespace) -> int:
-    def job(shared: dict[str, Any]) -> JobSummary:
-        return score_with_servers(
-            args.inputs, args.output, targets_of(args), method=args.method,
-            normalization=args.normalization, client_options=client_options(args),
-            concurrency=args.concurrency, variant_column=args.variant_column, **shared,
-        )
-
-    return run_command(args, job)
