@@ -137,6 +137,7 @@ class Server:
             log.error("engine failed (%s): health is NOT_SERVING from now on", reason)
             self.fatal = reason
             self.failed.set()
+            self.metrics.on_engine_failed()
             self._health_update = asyncio.ensure_future(self.set_serving(False))
 
         self.engine.add_fatal_listener(on_fatal)
@@ -149,6 +150,7 @@ class Server:
         )
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
+        self.metrics.on_serving(serving)
 
     async def stop(self, grace_s: float | None = None, drain_delay_s: float = 0.0) -> None:
         """Health NOT_SERVING; keep answering for ``drain_delay_s`` (load balancers drain);
@@ -164,6 +166,7 @@ class Server:
 
     async def _stop(self, grace_s: float, drain_delay_s: float) -> None:
         await self.health.enter_graceful_shutdown()
+        self.metrics.on_serving(False)
         if drain_delay_s > 0:
             log.info("health NOT_SERVING; still answering for %.1f s", drain_delay_s)
             await asyncio.sleep(drain_delay_s)
@@ -197,7 +200,7 @@ async def create_server(
     come with ``model``. ``config.port`` 0 binds a free port. ``tracer_provider`` (an
     OpenTelemetry TracerProvider) turns tracing on, as ``config.otlp_endpoint`` does.
     """
-    metrics = Metrics()
+    metrics = Metrics(queue_capacity=config.batching.max_queue)
     security = Security(
         config, on_refused=lambda method: metrics.on_request(_short(method), "UNAUTHENTICATED", 0.0)
     )

@@ -10,7 +10,14 @@ import threading
 from collections.abc import Sequence
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 _MS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -21,9 +28,27 @@ _FRACTION_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.
 class Metrics:
     """All service metrics, registered in a private :class:`CollectorRegistry`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, *, queue_capacity: int = 0):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_resident_memory_bytes, process_start_time_seconds (restarts), open fds, CPU
+        ProcessCollector(registry=r)
+        self.serving = Gauge(
+            "esmc_health_serving",
+            "1 while health says SERVING, 0 while it says NOT_SERVING (draining or failed)",
+            registry=r,
+        )
+        self.engine_failed = Gauge(
+            "esmc_engine_failed",
+            "1 once the engine has failed (the process exits soon after), else 0",
+            registry=r,
+        )
+        self.queue_capacity = Gauge(
+            "esmc_queue_capacity",
+            "Waiting requests accepted before RESOURCE_EXHAUSTED (max_queue)",
+            registry=r,
+        )
+        self.queue_capacity.set(queue_capacity)
         self.queue_depth = Gauge("esmc_queue_depth", "Requests waiting for a forward", registry=r)
         self.active_generations = Gauge(
             "esmc_active_generations", "Generations in progress", registry=r
@@ -117,6 +142,12 @@ class Metrics:
         if generation_steps:
             self.generation_steps.inc(generation_steps)
             self.steps_per_forward.observe(generation_steps)
+
+    def on_serving(self, serving: bool) -> None:
+        self.serving.set(1 if serving else 0)
+
+    def on_engine_failed(self) -> None:
+        self.engine_failed.set(1)
 
     def on_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)
