@@ -93,6 +93,7 @@ def parse_variant(text: str, wild_type: str, offset: int = 0) -> Variant:
     """``A23P`` or ``A23P:D45N`` against ``wild_type``; raises :class:`VariantError`."""
     parts = text.strip().split(":")
     subs: list[Substitution] = []
+    seen: set[int] = set()  # indices substituted so far: the repeat check is O(1)
     for part in parts:
         match = _SUBSTITUTION.fullmatch(part.strip())
         if match is None:
@@ -117,8 +118,9 @@ def parse_variant(text: str, wild_type: str, offset: int = 0) -> Variant:
             raise VariantError(
                 text, f"{mt!r} is not an amino acid; a substitution introduces one of {AMINO_ACIDS}"
             )
-        if any(s.index == index for s in subs):
+        if index in seen:
             raise VariantError(text, f"position {position} is substituted twice")
+        seen.add(index)
         subs.append(Substitution(wt, index, mt))
     return Variant(text, tuple(subs))
 
@@ -207,8 +209,12 @@ class ScoringPlan:
         if self.method == "pseudo-likelihood":
             plls = [self._pll(lp, s)[0] for s in range(len(self.sequences))]
             mutant = {seq: s for s, seq in enumerate(self.sequences)}
+            of_mutations: dict[tuple, int] = {}  # each distinct mutant applied once
             for v, variant in enumerate(self.variants):
-                scores[v] = plls[mutant[variant.apply(wt)]] - plls[0]
+                key = _mutations(variant)
+                if key not in of_mutations:
+                    of_mutations[key] = mutant[variant.apply(wt)]
+                scores[v] = plls[of_mutations[key]] - plls[0]
         else:
             for v, variant in enumerate(self.variants):
                 masked_all = variant.positions
@@ -299,8 +305,12 @@ def plan_scores(
         distinct = {_mutations(v) for v in parsed} - {()}
         _check_size((len(distinct) + 1) * L, max_copies, len(parsed), method)
         index = {wild_type: 0}
+        applied: set[tuple] = set()  # each distinct mutant applied once (O(L) each)
         for v in parsed:
-            index.setdefault(v.apply(wild_type), len(index))
+            key = _mutations(v)
+            if key not in applied:
+                applied.add(key)
+                index.setdefault(v.apply(wild_type), len(index))
         sequences = list(index)
         for s in range(len(sequences)):
             for i in range(L):

@@ -116,7 +116,7 @@ def test_info_encode_decode(served):
         info = client.info(timeout=30)
         assert (info.d_model, info.n_heads, info.n_layers) == (64, 1, 2)
         assert info.vocabulary == tokenizer.VOCABULARY and info.logits_width == 64
-        assert info.max_message_bytes == 512 * 1024 * 1024
+        assert info.max_message_bytes == 64 * 1024 * 1024
         ids = client.encode("MKT_L", timeout=30)
         np.testing.assert_array_equal(ids, tokenizer.encode_ids("MKT_L"))
         assert client.decode(ids, timeout=30) == ESMProtein("MKT_L")

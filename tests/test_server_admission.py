@@ -51,9 +51,11 @@ def model():
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def srv(model):
-    """Limit 100 residues, the smallest message limit (4 MiB)."""
+    """Limit 100 residues, the smallest message limit (4 MiB); requests up to 16 MiB reach the
+    readers (the default request limit would refuse the huge ones in gRPC, unread)."""
     config = server_config(
-        max_wait_ms=5, max_message_bytes=FOUR_MIB, settings=dict(max_length=100)
+        max_wait_ms=5, max_message_bytes=FOUR_MIB,
+        settings=dict(max_length=100, max_request_bytes=16 * 1024 * 1024),
     )
     async with running_server(model, config) as running:
         yield running

@@ -38,7 +38,7 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message size limits, the same on the server and on its clients."""
+    """A client channel's message size limits (both directions)."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -46,10 +46,21 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """The gRPC server's options: message limits, and SO_REUSEPORT only when asked for."""
+    """The gRPC server's options: a response limit, a request limit of its own (gRPC applies
+    it to the decompressed message, before anything parses it), a cap on connections below
+    the descriptor limit, and SO_REUSEPORT only when asked for."""
     return [
-        *channel_options(config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.request_limit),
+        *listener_options(config),
+    ]
+
+
+def listener_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """What every gRPC listener (the main port and the health port) shares."""
+    return [
         ("grpc.so_reuseport", 1 if config.so_reuseport else 0),
+        ("grpc.max_allowed_incoming_connections", config.connection_limit),
     ]
 
 
@@ -241,7 +252,7 @@ async def create_server(
     try:
         if config.health_port is not None:
             server.health_server, server.health_port = await start_health_server(
-                health, config.host, config.health_port
+                health, config.host, config.health_port, listener_options(config)
             )
         await _start_engine(server, config, engine, model)
         if config.metrics_port is not None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from esmc.runtime import keep_freed_memory
 from esmc_server.app import create_server
-from esmc_server.config import DEVICES, DTYPES, ServerConfig
+from esmc_server.config import DEVICES, DTYPES, BatchingConfig, ServerConfig
 
 log = logging.getLogger("esmc_server")
 
@@ -55,7 +55,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         const=True,
         help="length-sorted padded batches instead of packing",
     )
-    p.add_argument("--max-message-bytes", type=int, help="gRPC message size limit, both directions")
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        help="largest response, gRPC and HTTP alike (larger outputs are refused before any "
+        "work, with what to ask for instead)",
+    )
     p.add_argument("--grace-s", type=float, help="seconds calls in flight get to finish on SIGTERM")
     p.add_argument(
         "--compile", action="store_const", const=True,
@@ -113,9 +118,64 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         const=True,
         help="let other processes bind the same port (off: a taken port is an error)",
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="default INFO")
     _add_shared_service_flags(p)
+    _add_limit_flags(p)
+    _annotate_defaults(p)
     return p
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """Limits applied before any work (see docs/limits.md)."""
+    g = p.add_argument_group("limits before work (docs/limits.md)")
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        help="largest request once decompressed, gRPC and HTTP bodies alike (default: 256 "
+        "bytes per token of --max-length, at least 1 MiB: 4 MiB for 16384 residues)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        help="open connections per listener (default: a quarter of the file-descriptor limit)",
+    )
+    g.add_argument(
+        "--http-idle-timeout-s",
+        type=float,
+        help="close an HTTP connection with no complete request headers for this long",
+    )
+    g.add_argument(
+        "--http-body-timeout-s", type=float, help="an HTTP request body must arrive within this"
+    )
+    g.add_argument(
+        "--max-unread-response-bytes",
+        type=int,
+        help="response bytes written but not yet read by clients, all streams and calls together",
+    )
+    g.add_argument(
+        "--max-stream-ids",
+        type=int,
+        help="requests one Embed/PseudoLogLikelihoodStream stream may send (ids are remembered "
+        "to keep them unique)",
+    )
+
+
+_FIELD_OF_FLAG = {"padded": "packed", "no_warmup": "warmup"}
+
+
+def _annotate_defaults(p: argparse.ArgumentParser) -> None:
+    """Append each setting's default to its help, read from the config dataclasses."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+    defaults.update({f.name: f.default for f in dataclasses.fields(BatchingConfig)})
+    for action in p._actions:
+        field = _FIELD_OF_FLAG.get(action.dest, action.dest)
+        if field not in defaults or "default" in (action.help or ""):
+            continue
+        value = defaults[field]
+        if field != action.dest:  # --padded, --no-warmup: the flag turns the setting off
+            value = not value
+        shown = "off" if value is None else str(value).lower() if isinstance(value, bool) else value
+        action.help = f"{action.help} (default {shown})" if action.help else f"default {shown}"
 
 
 def _add_shared_service_flags(p: argparse.ArgumentParser) -> None:
@@ -203,6 +263,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "stream_idle_timeout_s": args.stream_idle_timeout_s,
         "drain_delay_s": args.drain_delay_s,
         "so_reuseport": args.so_reuseport,
+        "max_request_bytes": args.max_request_bytes,
+        "max_connections": args.max_connections,
+        "http_idle_timeout_s": args.http_idle_timeout_s,
+        "http_body_timeout_s": args.http_body_timeout_s,
+        "max_unread_response_bytes": args.max_unread_response_bytes,
+        "max_stream_ids": args.max_stream_ids,
     }
     if isinstance(args.max_connection_age_s, float):
         overrides["max_connection_age_s"] = args.max_connection_age_s
@@ -237,6 +303,8 @@ async def serve(config: ServerConfig) -> int:
     metrics = f", metrics on port {server.metrics_port}" if server.metrics_port is not None else ""
     if server.http is not None:
         metrics += f", Forge-compatible HTTP on port {server.http.port}"
+    if server.health_port is not None:
+        metrics += f", health on port {server.health_port}"
     log.info(
         "serving %s on %s:%d (%s)%s",
         config.model, config.host, port, server.security.describe(), metrics,

@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import resource
 from collections.abc import Callable, Mapping
 from typing import Any
 
 ENV_PREFIX = "ESMC_"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16", "auto")  # auto: esmc.runtime.resolve_dtype
+REQUEST_BYTES_PER_TOKEN = 256
+"""Default request limit per token of the longest protein (19 variants of ~10 bytes each)."""
 
 
 def _check(ok: bool, message: str) -> None:
@@ -51,7 +54,8 @@ class ServerConfig:
     device: str = "auto"
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU; auto: bf16 if native
     batching: BatchingConfig = BatchingConfig()
-    max_message_bytes: int = 512 * 1024 * 1024
+    max_message_bytes: int = 64 * 1024 * 1024  # one response (sent), gRPC and HTTP alike
+    max_request_bytes: int | None = None  # one request, decompressed (None: request_limit)
     grace_s: float = 30.0
     warmup: bool = True
     compile: bool = False  # torch.compile the block stack (esmc.compiled), warmed up at start
@@ -79,7 +83,13 @@ class ServerConfig:
     embed_window: int = 64  # requests of one Embed stream computed but not yet written
     stream_idle_timeout_s: float = 60.0  # a stream write blocked this long cancels the call
     drain_delay_s: float = 5.0  # SIGTERM: NOT_SERVING but still answering for this long
-    so_reuseport: bool = False  # allow another process to bind the same port
+    so_reuseport: bool = False  # allow another process to bind the same port (every listener)
+    # --- limits before work (connections, HTTP front, memory) ---
+    max_connections: int | None = None  # per listener (None: connection_limit, below the fd limit)
+    http_idle_timeout_s: float = 15.0  # an HTTP connection with no complete request is closed
+    http_body_timeout_s: float = 30.0  # an HTTP request body must arrive within this
+    max_unread_response_bytes: int = 128 * 1024 * 1024  # written, not yet read: all streams
+    max_stream_ids: int = 1_000_000  # ids one keyed stream remembers (uniqueness); then refused
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, f"port {self.port} is out of range")
@@ -134,6 +144,22 @@ class ServerConfig:
         )
         if self.http_port is not None:
             _check(0 <= self.http_port < 65536, f"http_port {self.http_port} is out of range")
+        _check(
+            self.max_request_bytes is None or self.max_request_bytes >= 64 * 1024,
+            "max_request_bytes must be >= 64 KiB",
+        )
+        _check(
+            self.max_connections is None or self.max_connections >= 1,
+            "max_connections must be >= 1",
+        )
+        for name in ("http_idle_timeout_s", "http_body_timeout_s"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value > 0, f"{name} must be > 0")
+        _check(
+            self.max_unread_response_bytes >= self.max_message_bytes,
+            "max_unread_response_bytes must be >= max_message_bytes (one response must fit)",
+        )
+        _check(self.max_stream_ids >= 1, "max_stream_ids must be >= 1")
 
     @property
     def tls(self) -> bool:
@@ -143,6 +169,23 @@ class ServerConfig:
     def max_tokens(self) -> int:
         """Tokens per protein the server accepts, BOS and EOS included."""
         return self.max_length + 2
+
+    @property
+    def request_limit(self) -> int:
+        """Bytes one request message may hold once decompressed: ``max_request_bytes``, or by
+        default ``REQUEST_BYTES_PER_TOKEN`` per token of the longest protein (at least 1 MiB):
+        room for the protein and a full single-substitution variant list over it."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return max(1 << 20, REQUEST_BYTES_PER_TOKEN * self.max_tokens)
+
+    @property
+    def connection_limit(self) -> int:
+        """Connections each listener keeps open: ``max_connections``, or by default a quarter
+        of this process's file-descriptor limit (so that descriptors never run out)."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return max(16, descriptor_limit() // 4)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> ServerConfig:
@@ -158,6 +201,12 @@ class ServerConfig:
         values = {**_read_env(environ), **{k: v for k, v in overrides.items() if v is not None}}
         batching = BatchingConfig(**{k: v for k, v in values.items() if k in batching_fields})
         return cls(batching=batching, **{k: v for k, v in values.items() if k in server_fields})
+
+
+def descriptor_limit() -> int:
+    """This process's soft limit on open file descriptors (RLIMIT_NOFILE)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _fields(cls: type) -> set[str]:
@@ -212,6 +261,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "stream_idle_timeout_s": float,
     "drain_delay_s": float,
     "so_reuseport": _parse_bool,
+    "max_request_bytes": _parse_optional_int,
+    "max_connections": _parse_optional_int,
+    "http_idle_timeout_s": float,
+    "http_body_timeout_s": float,
+    "max_unread_response_bytes": int,
+    "max_stream_ids": int,
     "http_port": _parse_optional_port,
     "max_batch_tokens": int,
     "max_batch_size": int,

@@ -178,12 +178,21 @@ class Security:
                 log.info("TLS files reloaded; new connections use them")
 
 
-async def start_health_server(health, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """A plaintext gRPC server with only ``health`` (the main server's health servicer)."""
-    server = grpc.aio.server()
+async def start_health_server(
+    health, host: str, port: int, options: list[tuple[str, int]]
+) -> tuple[grpc.aio.Server, int]:
+    """A plaintext gRPC server with only ``health`` (the main server's health servicer);
+    ``options`` as the main port's listener (no SO_REUSEPORT unless asked, a connection cap)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096), *options])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc raises it when the bind fails
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind the health port {host}:{port}")
+        raise OSError(
+            f"cannot bind the health port {host}:{port}: the port is in use by another process "
+            "or the address is not available (so_reuseport is off)"
+        )
     await server.start()
     return server, bound
