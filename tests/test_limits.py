@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers_serve import ServeProcess
+from helpers.processes import ServeProcess
 
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server.config import ServerConfig
