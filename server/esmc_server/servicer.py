@@ -151,6 +151,15 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
                 f"the client read nothing for {timeout:g} s (stream_idle_timeout_s); "
                 "the stream was cancelled"
             ) from None
+        except Exception:
+            # gRPC fails a write whose call is over (the client cancelled or went away), also
+            # in place of the CancelledError of a handler cancelled while it waited for it
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError() from None
+            if context.cancelled() or context.done():
+                raise Cancelled("the client went away while its stream was written") from None
+            raise
 
     # -- model description ------------------------------------------------------------------
 
