@@ -18,7 +18,8 @@ import logging
 import grpc
 import numpy as np
 import pytest
-from helpers_server import random_sequence, running_server, server_config, tiny_model
+from helpers.inprocess import running_server, server_config
+from helpers.models import random_sequence, seeded_model
 
 from esmc_client.channel import channel_options
 from esmc_proto.v1 import esmc_pb2 as pb
@@ -34,7 +35,7 @@ async def test_a_client_gone_mid_stream_is_cancelled_not_internal(caplog):
     write of a call that is over, also in place of the handler's CancelledError)."""
     rng = np.random.default_rng(0)
     caplog.set_level(logging.ERROR, logger="esmc_server")
-    async with running_server(tiny_model(), server_config()) as running:
+    async with running_server(seeded_model(), server_config()) as running:
         for _ in range(6):
             channel = grpc.aio.insecure_channel(
                 f"127.0.0.1:{running.port}", options=channel_options()
