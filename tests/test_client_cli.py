@@ -198,7 +198,7 @@ def _fasta(tmp_path, text: str):
         ("", [], "no sequences in"),
         (">a\nMK\n>b\nLV\n>a\nMKT\n>b\nL\n", [], "2 ids occur more than once in"),
         (">a\nMK\n>b\nmkTL\n>c\nLLv\n", [], "2 sequences contain lowercase letters (first: b, "
-         "'m' at residue 0); ESMC reads upper-case one-letter codes; pass --uppercase"),
+         "'m' at residue 1); ESMC reads upper-case one-letter codes; pass --uppercase"),
     ],
 )
 def test_input_problems_are_one_line_and_exit_2(tmp_path, capsys, text, extra, message):
@@ -231,7 +231,7 @@ def test_unreachable_server_is_one_line_without_traceback(tmp_path):
 def test_lowercase_prompt_is_refused_with_the_hint(capsys):
     assert main(["generate", "mkt__", "--target", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
-    assert "the prompt contains lowercase letters ('m' at residue 0)" in err and "--uppercase" in err
+    assert "the prompt contains lowercase letters ('m' at residue 1)" in err and "--uppercase" in err
 
 
 def test_top_tokens_lines():

@@ -16,7 +16,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from esmc_client.retry import RETRYABLE_CODES, RetryPolicy
+
+if TYPE_CHECKING:
+    from esmc_client.types import ESMCError
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -32,6 +37,7 @@ __all__ = [
     "RETRYABLE_CODES",
     "RetryPolicy",
     "channel_options",
+    "unreachable_reason",
 ]
 
 
@@ -50,3 +56,21 @@ def channel_options(
     ]
     options.extend(extra)
     return options
+
+
+def unreachable_reason(error: ESMCError) -> str:
+    """``error`` in one line, with what to do when it says nothing listens at the target or
+    something that is not a gRPC server does (a metrics or HTTP port)."""
+    text = " ".join(f"{error.code}: {error.message}".split())
+    if error.code != "UNAVAILABLE":
+        return text
+    if "Failed parsing HTTP/2" in text or "Expected SETTINGS frame" in text:
+        return ("UNAVAILABLE: it answers HTTP/1, not gRPC (a metrics or HTTP port?); point "
+                f"--target at the server's gRPC port (esmc serve --port, "
+                f"{DEFAULT_TARGET.rsplit(':', 1)[1]} by default)")
+    if "Connection refused" in text:
+        return ("UNAVAILABLE: connection refused, nothing listens there; start a server with "
+                "`esmc serve` or point --target (or $ESMC_TARGET) at a running one")
+    if "DNS resolution failed" in text or "name resolution" in text.lower():
+        return "UNAVAILABLE: the host name does not resolve; check --target (or $ESMC_TARGET)"
+    return text

@@ -49,11 +49,12 @@ def add_generate_command(sub, common: argparse.ArgumentParser) -> None:
     gen = sub.add_parser(
         "generate", parents=[common], help="fill the masked positions (_)",
         description="Iterative unmasking. Steps are numbered 1..N (N = --steps, or the number "
-        "of masked positions when that is smaller: each step fills at least one).",
+        "of masked positions when that is smaller); --schedule decides how many positions "
+        "each step fills (a step may fill none), and every position is filled by step N.",
     )
     gen.add_argument("prompt", help='e.g. "MKT___LL__" (_ or <mask> for masked positions)')
     gen.add_argument("--steps", type=positive, default=GenerationConfig.num_steps,
-                     help="number of steps (at most one per masked position)")
+                     help="number of steps (at most the number of masked positions)")
     gen.add_argument("--strategy", choices=("random", "entropy"), default="random",
                      help="which masked positions each step fills")
     gen.add_argument("--schedule", choices=("cosine", "linear"), default="cosine",

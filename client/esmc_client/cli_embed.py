@@ -169,7 +169,7 @@ def read_proteins(path: Path, uppercase: bool, dedupe: bool) -> tuple[list[_Prot
     if lower:
         uid, (residue, letter) = lower[0]
         raise RunError(f"{len(lower)} sequences contain lowercase letters (first: {uid}, "
-                       f"{letter!r} at residue {residue}); {UPPERCASE_HINT}")
+                       f"{letter!r} at residue {residue + 1}); {UPPERCASE_HINT}")
     return [_Protein(uid, sequence) for uid, sequence in records], dropped
 
 

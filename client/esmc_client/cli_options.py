@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from esmc_client.channel import DEFAULT_TARGET
+from esmc_client.channel import DEFAULT_TARGET, unreachable_reason
 from esmc_client.fasta import first_lowercase
 from esmc_client.retry import RetryPolicy
 from esmc_client.types import ESMCError, ServerInfo
@@ -114,7 +114,7 @@ def quiet_native_logs(verbose: bool, environ=os.environ) -> None:
     """Unless ``verbose`` (or ``$GRPC_VERBOSITY`` is set), silence gRPC's C-core log lines:
     the command reports each failure itself, in one line. Takes effect only when grpc has
     not been imported yet (the C core reads the variable once)."""
-    if not verbose:
+    if not verbose and "grpc" not in sys.modules:
         environ.setdefault(GRPC_VERBOSITY_ENV, "NONE")
 
 
@@ -167,31 +167,13 @@ def server_info(client: ESMCClient, args: argparse.Namespace) -> ServerInfo:
         raise RunError(f"cannot use the server at {args.target}: {unreachable_reason(error)}") from None
 
 
-def unreachable_reason(error: ESMCError) -> str:
-    """``error`` in one line, with what to do when it says nothing listens at the target or
-    something that is not a gRPC server does (a metrics or HTTP port)."""
-    text = " ".join(str(error).split())
-    if error.code != "UNAVAILABLE":
-        return text
-    if "Failed parsing HTTP/2" in text or "Expected SETTINGS frame" in text:
-        return ("UNAVAILABLE: it answers HTTP/1, not gRPC (a metrics or HTTP port?); point "
-                f"--target at the server's gRPC port (esmc serve --port, {DEFAULT_TARGET} "
-                "by default)")
-    if "Connection refused" in text:
-        return ("UNAVAILABLE: connection refused, nothing listens there; start a server with "
-                f"`esmc serve` or point --target (or ${TARGET_ENV}) at a running one")
-    if "DNS resolution failed" in text or "name resolution" in text.lower():
-        return f"UNAVAILABLE: the host name does not resolve; check --target (or ${TARGET_ENV})"
-    return text
-
-
 def checked_sequence(sequence: str, uppercase: bool, what: str) -> str:
     """``sequence`` upper-cased when asked; lowercase letters are refused otherwise."""
     if uppercase:
         return sequence.upper().replace("<MASK>", "<mask>")
     if hit := first_lowercase(sequence):
         residue, letter = hit
-        raise RunError(f"{what} contains lowercase letters ({letter!r} at residue {residue}); "
+        raise RunError(f"{what} contains lowercase letters ({letter!r} at residue {residue + 1}); "
                        f"{UPPERCASE_HINT}")
     return sequence
 

@@ -133,7 +133,7 @@ def read_wild_type(text: str, record_id: str | None, uppercase: bool = False) ->
     if hit := first_lowercase(sequence):
         residue, letter = hit
         raise RunError(f"{name} in {path} contains lowercase letters ({letter!r} at residue "
-                       f"{residue}); {UPPERCASE_HINT}")
+                       f"{residue + 1}); {UPPERCASE_HINT}")
     return sequence
 
 

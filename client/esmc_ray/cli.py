@@ -153,7 +153,7 @@ def run_job_command(args: argparse.Namespace, job: Callable[[dict[str, Any]], Jo
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     started = not ray.is_initialized()
     if started:
-        _start_ray(ray, args.address, args.verbose, progress)
+        _start_ray(ray, args.address, args.verbose)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     context.print_on_execution_start = args.verbose
@@ -175,14 +175,14 @@ def run_job_command(args: argparse.Namespace, job: Callable[[dict[str, Any]], Jo
     return EXIT_OK if summary.complete and summary.errors == 0 else EXIT_SOME_FAILED
 
 
-def _start_ray(ray, address: str | None, verbose: bool, progress: bool) -> None:
+def _start_ray(ray, address: str | None, verbose: bool) -> None:
     """``ray.init``, with Ray's log lines quiet unless ``verbose``; a cluster that cannot be
     reached is a :class:`RunError` naming the address."""
     level = logging.INFO if verbose else logging.ERROR
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(level)
     try:
-        ray.init(address=address, log_to_driver=verbose or progress, logging_level=level)
+        ray.init(address=address, log_to_driver=verbose, logging_level=level)
     except ConnectionError as error:
         where = address or "$RAY_ADDRESS"
         raise RunError(

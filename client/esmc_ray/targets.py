@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from esmc_client.channel import unreachable_reason
 from esmc_client.retry import RetryPolicy
 from esmc_client.types import ESMCError
 
@@ -36,14 +37,19 @@ def server_metadata(targets: Sequence[str], client_options: dict[str, Any]) -> d
     skipped (the actors try them again later); at least one must answer.
     """
     seen = {}
+    failed = {}
     for target in targets:
         with _client(target, retry=_CLIENT_RETRY, **client_options) as client:
             try:
                 seen[target] = client.info(timeout=30)
             except ESMCError as error:
-                log.warning("%s does not answer (%s); its share goes elsewhere", target, error)
+                failed[target] = unreachable_reason(error).removeprefix("UNAVAILABLE: ")
     if not seen:
-        raise ESMCError("UNAVAILABLE", f"none of the targets answers: {', '.join(targets)}")
+        target, reason = next(iter(failed.items()))
+        others = f" (nor {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise ESMCError("UNAVAILABLE", f"no target answers: {target}{others}: {reason}")
+    for target, reason in failed.items():
+        log.warning("%s does not answer (%s); its share goes elsewhere", target, reason)
     first = next(iter(seen.values()))
     for target, info in seen.items():
         if (info.model_name, info.d_model) != (first.model_name, first.d_model):
