@@ -28,6 +28,7 @@ from esmc.weights import default_device
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import tracing
 from esmc_server.config import ServerConfig
+from esmc_server.connections import quiet_descriptor_errors
 from esmc_server.metrics import Metrics
 from esmc_server.security import Security, connection_options, start_health_server
 from esmc_server.servicer import SERVICE_NAME, ESMCServicer
@@ -211,6 +212,7 @@ async def create_server(
     come with ``model``. ``config.port`` 0 binds a free port. ``tracer_provider`` (an
     OpenTelemetry TracerProvider) turns tracing on, as ``config.otlp_endpoint`` does.
     """
+    quiet_descriptor_errors(asyncio.get_running_loop())
     metrics = Metrics(queue_capacity=config.batching.max_queue)
     security = Security(
         config, on_refused=lambda method: metrics.on_request(_short(method), "UNAUTHENTICATED", 0.0)

@@ -19,7 +19,15 @@ so both fronts accept and refuse the same things with the same messages. Errors 
 ``{"detail": message, "code": gRPC status name}`` with the status of
 :data:`esmc_proto.status.HTTP_STATUS` (400, 401, 404, 429, 503, 504...); the Forge client
 retries 429, 502 and 504. Responses are always ``application/json`` (the client also accepts
-it when it asks for pickle) and are serialised off the event loop.
+it when it asks for pickle).
+
+Limits before work (docs/limits.md): a body over the request limit answers 413 unread, one
+that does not arrive within ``http_body_timeout_s`` 408; bodies are parsed and responses
+built off the event loop; a logits response is refused before any work (400, with what to ask
+for instead) when its JSON would pass the response limit, the same one as gRPC's; every
+malformed body is a 400 naming the field. Connections are capped (``max_connections``) and
+closed when idle or slow to send headers (``http_idle_timeout_s``); see
+:mod:`esmc_server.connections`.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from esmc.config import OFFICIAL_NAMES
 from esmc_proto.status import http_status
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import convert
+from esmc_server.connections import CappedListener
 from esmc_server.errors import (
     InvalidRequest,
     ServiceError,
@@ -49,7 +58,10 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 API = "/api/v1"
-MAX_BODY_BYTES = 64 * 1024 * 1024
+JSON_BYTES_PER_FLOAT = 25
+"""Upper bound on one float32 in the JSON response: ``repr`` of the double (up to 23
+characters, e.g. ``-1.2345678901234567e-05``), a comma and a share of the brackets."""
+_INT_RANGE = range(-(2**31), 2**31)
 _LOGITS_FLAGS = ("sequence", "return_embeddings", "return_hidden_states")
 _MEAN_FLAGS = ("return_mean_embedding", "return_mean_hidden_states")
 _TRACK_FLAGS = ("structure", "secondary_structure", "sasa", "function", "residue_annotations")
@@ -61,16 +73,29 @@ class NotServed(ServiceError):
     code = "NOT_FOUND"
 
 
+class BodyTooLarge(InvalidRequest):
+    """A request body over the request limit (HTTP 413; gRPC would say RESOURCE_EXHAUSTED)."""
+
+    http = 413
+
+
+class BodyTooSlow(InvalidRequest):
+    """A request body that did not arrive in time (HTTP 408)."""
+
+    http = 408
+
+
 class HttpFront:
     """The HTTP routes over a running :class:`esmc_server.app.Server`'s engine and tokens."""
 
     def __init__(self, server):
         self._server = server
         self.runner: web.AppRunner | None = None
+        self.listener: asyncio.Server | None = None
         self.port: int | None = None
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=self._server.config.request_limit)
         app.add_routes(
             [
                 web.post(f"{API}/encode", self._route("encode", self._encode)),
@@ -87,11 +112,18 @@ class HttpFront:
         the bound port. On stop, requests in flight get the server's grace period."""
         config = self._server.config
         self.runner = web.AppRunner(
-            self.application(), access_log=None, shutdown_timeout=config.grace_s
+            self.application(),
+            access_log=None,
+            shutdown_timeout=config.grace_s,
+            keepalive_timeout=config.http_idle_timeout_s,  # from the connection's start too
         )
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port, ssl_context=self._ssl_context()).start()
-        self.port = self.runner.addresses[0][1]  # the bound port (0 picks a free one)
+        factory = CappedListener(self.runner.server, config.connection_limit, self._health_now)
+        self.listener = await asyncio.get_running_loop().create_server(
+            factory, host, port, ssl=self._ssl_context(),
+            reuse_port=True if config.so_reuseport else None,
+        )
+        self.port = self.listener.sockets[0].getsockname()[1]  # the bound port (0: a free one)
         return self.port
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -100,6 +132,9 @@ class HttpFront:
         return None if tls is None else tls.ssl_context()
 
     async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -114,12 +149,13 @@ class HttpFront:
             code = "OK"
             try:
                 self._check_token(request)
-                body = await _json_body(request)
+                body = await self._json_body(request)
                 self._check_model(body.get("model"))
                 return await _json_response(await handler(body))
             except ServiceError as e:
                 code = e.code
-                return await _json_response({"detail": str(e), "code": e.code}, http_status(e.code))
+                status = getattr(e, "http", None) or http_status(e.code)
+                return await _json_response({"detail": str(e), "code": e.code}, status)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -140,8 +176,32 @@ class HttpFront:
                 "missing or invalid token: send 'Authorization: Bearer <token>'"
             )
 
+    async def _json_body(self, request: web.Request) -> dict:
+        """The body as a JSON object: its size checked before it is read, read within the
+        body timeout, parsed off the event loop."""
+        config = self._server.config
+        limit = config.request_limit
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(request.content_length, limit)
+        try:
+            async with asyncio.timeout(config.http_body_timeout_s):
+                raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(None, limit) from None
+        except TimeoutError:
+            raise BodyTooSlow(
+                f"the body did not arrive within {config.http_body_timeout_s:g} s "
+                "(http_body_timeout_s)"
+            ) from None
+        body = await asyncio.to_thread(_parse_json, raw)
+        if not isinstance(body, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        return body
+
     def _check_model(self, name: Any) -> None:
         served = self._server.config.model
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest(f"model must be a string, got {type(name).__name__}")
         if name is None or _canonical(name) == _canonical(served):
             return
         raise NotServed(f"model {name!r} is not served here; this server serves {served!r}")
@@ -161,31 +221,38 @@ class HttpFront:
         return {"outputs": {"sequence": tokens.tolist()}}
 
     async def _decode(self, body: dict) -> dict:
-        ids = _token_ids(_inputs(body))
+        ids = _token_ids(_inputs(body), self._server.config.max_tokens)
         limit = self._server.config.max_tokens
         tokens = convert.tokens_from_tensor(pb.ESMProteinTensor(sequence=ids), limit)
         return {"outputs": {"sequence": convert.protein_to_proto(tokens).sequence}}
 
     async def _logits(self, body: dict) -> dict:
         engine, model = self._served
-        ids = _token_ids(_inputs(body))
+        ids = _token_ids(_inputs(body), self._server.config.max_tokens)
         limit = self._server.config.max_tokens
         tokens = convert.tokens_from_tensor(pb.ESMProteinTensor(sequence=ids), limit)
         message = _logits_config_message(body.get("logits_config") or {})
-        config, _ = convert.logits_config_from_proto(message, model.config.n_layers)
+        config, layers = convert.logits_config_from_proto(message, model.config.n_layers)
+        shapes = convert.Shapes(d_model=model.config.d_model, logits_width=model.config.vocab_rows)
+        size = _json_response_bytes(config, layers, len(tokens), shapes)
+        convert.check_response_size(size, self._server.config.max_message_bytes, HTTP_SIZE_ADVICE)
         result = await engine.logits(tokens, config)
         return await asyncio.to_thread(_logits_payload, result.output)
 
     async def _health(self, request: web.Request) -> web.Response:
+        status, payload = self._health_now()
+        return await _json_response(payload, status)
+
+    def _health_now(self) -> tuple[int, dict]:
         """As the gRPC health: NOT_SERVING until the model serves, once stopping, and after a
-        fatal engine fault."""
+        fatal engine fault. Also answered on connections over the cap."""
         server = self._server
         stopping = server._stopping is not None  # health turns NOT_SERVING first on stop
         serving = server.engine is not None and server.fatal is None and not stopping
         payload = {"status": "SERVING" if serving else "NOT_SERVING"}
         if server.fatal is not None:
             payload["reason"] = server.fatal
-        return await _json_response(payload, 200 if serving else 503)
+        return (200 if serving else 503), payload
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return await _json_response(openapi_document())
@@ -195,14 +262,24 @@ def _canonical(name: str) -> str:
     return OFFICIAL_NAMES.get(name, name)
 
 
-async def _json_body(request: web.Request) -> dict:
+def _too_large(size: int | None, limit: int) -> BodyTooLarge:
+    what = "the body" if size is None else f"the body of {size} bytes"
+    return BodyTooLarge(
+        f"{what} is over this server's request limit of {limit} bytes (max_request_bytes)"
+    )
+
+
+def _parse_json(raw: bytes) -> Any:
+    """JSON from bytes (run in a thread); any malformed input is an InvalidRequest: bad
+    syntax or encoding, an integer of more digits than Python converts, nesting too deep."""
     try:
-        body = await request.json()
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    return body
+    except RecursionError:
+        raise InvalidRequest("the body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer over sys.get_int_max_str_digits() digits
+        raise InvalidRequest(f"the body is not valid JSON: {e}") from None
 
 
 def _inputs(body: dict) -> dict:
@@ -219,8 +296,13 @@ def _field(inputs: dict, name: str, kind: type) -> Any:
     return value
 
 
-def _token_ids(inputs: dict) -> list[int]:
+def _token_ids(inputs: dict, max_tokens: int) -> list[int]:
+    """The ids, their count checked before any element is looked at."""
     ids = _field(inputs, "sequence", list)
+    if len(ids) > max_tokens:
+        raise InvalidRequest(
+            f"inputs.sequence: token sequence has {len(ids)} ids; the limit is {max_tokens}"
+        )
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise InvalidRequest("inputs.sequence must be a list of integer token ids")
     if not all(-(2**63) <= i < 2**63 for i in ids):
@@ -245,6 +327,8 @@ def _logits_config_message(fields: dict) -> pb.LogitsConfig:
     layer = fields.get("ith_hidden_layer", -1)
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise InvalidRequest("logits_config.ith_hidden_layer must be an integer")
+    if layer not in _INT_RANGE:
+        raise InvalidRequest(f"logits_config.ith_hidden_layer {layer} is not a layer index")
     if layer != -1 and (message.return_hidden_states or message.return_mean_hidden_states):
         message.ith_hidden_layer = layer
     return message
@@ -266,11 +350,27 @@ def _logits_payload(output) -> dict:
     }
 
 
+def _json_response_bytes(config, layers, tokens: int, shapes: convert.Shapes) -> int:
+    """An upper bound on the JSON logits response's size, before any work."""
+    floats = convert.logits_response_bytes(config, layers, tokens, shapes, pb.DTYPE_FLOAT32) // 4
+    return 1024 + JSON_BYTES_PER_FLOAT * floats
+
+
+HTTP_SIZE_ADVICE = (
+    "ask for fewer outputs: one block with ith_hidden_layer, return_mean_embedding instead "
+    "of per-residue embeddings, or the gRPC API (binary tensors, float16, the Embed stream)"
+)
+
+
+def _dumps(payload: dict) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
 async def _json_response(payload: dict, status: int = 200) -> web.Response:
     """``Content-Type: application/json`` exactly (the Forge client compares the whole
-    header value); large payloads are serialised in a thread."""
-    body = await asyncio.to_thread(json.dumps, payload, separators=(",", ":"))
-    return web.Response(body=body.encode(), status=status, headers={"Content-Type": JSON})
+    header value); serialised and encoded in a thread."""
+    body = await asyncio.to_thread(_dumps, payload)
+    return web.Response(body=body, status=status, headers={"Content-Type": JSON})
 
 
 async def start_http(server, host: str, port: int) -> HttpFront:
@@ -300,6 +400,8 @@ def _post(summary: str, request: dict, response: dict) -> dict:
     errors = {
         "400": "invalid input",
         "401": "missing or invalid token",
+        "408": "the body did not arrive in time",
+        "413": "the body is over the request limit",
         "404": "model not served here",
         "429": "queue full: retry with backoff",
         "503": "not ready or shutting down",
