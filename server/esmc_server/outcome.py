@@ -14,6 +14,7 @@ import time
 import uuid
 
 import grpc
+from grpc._cython import cygrpc  # the errors of a call that has ended (no public name)
 
 from esmc_server.errors import Cancelled, InternalError, ServiceError
 from esmc_server.metrics import Metrics
@@ -31,12 +32,23 @@ def status_of(error: ServiceError) -> grpc.StatusCode:
     return grpc.StatusCode[error.code]
 
 
+_CALL_ENDED = (cygrpc.ExecuteBatchError, cygrpc.UsageError)
+"""What gRPC raises when a message is written to (or read from) a call that has already ended:
+the caller cancelled or went away while the server was writing. Not a server fault."""
+
+
 def as_service_error(error: BaseException, what: str) -> ServiceError:
-    """What the client is told about ``error``; an unexpected one is logged with a reference."""
+    """What the client is told about ``error``; an unexpected one is logged with a reference.
+
+    A caller's cancellation (or a write refused because the caller has gone) is CANCELLED,
+    logged at DEBUG by :meth:`Outcome.fail`: never INTERNAL, never an ERROR with a traceback.
+    """
     if isinstance(error, ServiceError):
         return error
     if isinstance(error, asyncio.CancelledError):
         return Cancelled("the call was cancelled")
+    if isinstance(error, _CALL_ENDED):
+        return Cancelled("the caller cancelled or went away before the response was written")
     reference = uuid.uuid4().hex[:12]
     log.error("%s failed (reference %s)", what, reference, exc_info=error)
     return InternalError(f"handling this call (log reference {reference})")

@@ -1,0 +1,70 @@
+"""True signals: what the operator sees (status counts, log levels, log content) says what
+happened. A caller that cancels is CANCELLED at INFO at most; sequences stay out of the logs.
+
+Real in-process servers on port 0; the tests count statuses and log records, never timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import pytest
+from helpers.inprocess import running_server, server_config
+from helpers.models import seeded_model
+
+from esmc_proto.v1 import esmc_pb2 as pb
+
+pytestmark = pytest.mark.e2e
+
+STREAMS = 50
+
+
+@pytest.fixture(scope="module")
+def model():
+    return seeded_model(d_model=64, n_heads=1, n_layers=2, seed=3)
+
+
+def requests_by_code(samples, method: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for (name, labels), value in samples.items():
+        labels = dict(labels)
+        if name == "esmc_requests_total" and labels.get("method") == method and value:
+            counts[labels["code"]] = counts.get(labels["code"], 0) + value
+    return counts
+
+
+async def _wait_counted(running, method: str, total: int) -> dict[str, float]:
+    for _ in range(600):
+        counts = requests_by_code(running.scrape(), method)
+        if sum(counts.values()) >= total:
+            return counts
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{method}: {counts}")
+
+
+async def test_generate_streams_cancelled_mid_write_count_cancelled_without_errors(model, caplog):
+    """Fifty Generate streams, each cancelled by its caller after a few messages (mid-write:
+    the server is writing steps as fast as they come): all counted CANCELLED, nothing logged
+    above INFO."""
+    caplog.set_level(logging.DEBUG)
+    config = server_config(max_wait_ms=1, generation_window=4)
+    async with running_server(model, config) as running:
+        request = pb.GenerateRequest(
+            protein=pb.ESMProtein(sequence="M" + "_" * 300),
+            config=pb.GenerationConfig(num_steps=300),
+        )
+
+        async def cancel_after(reads: int) -> None:
+            call = running.stub.Generate(request, timeout=120)
+            for _ in range(reads):
+                await call.read()
+            call.cancel()
+
+        await asyncio.gather(*(cancel_after(1 + i % 5) for i in range(STREAMS)))
+        counts = await _wait_counted(running, "Generate", STREAMS)
+        assert counts == {"CANCELLED": STREAMS}, counts
+        await running.assert_serving()
+    loud = [r for r in caplog.records if r.levelno > logging.INFO]
+    assert loud == [], [r.getMessage() for r in loud][:5]
