@@ -91,12 +91,16 @@ def resolve_dtype(name: str | None, device, capabilities: dict[str, bool] | None
     ``None``: the reference's choice, bfloat16 on CUDA and exact float32 elsewhere.
     ``"auto"``: bfloat16 on CUDA, and on a CPU with native bf16 (:func:`cpu_has_native_bf16`);
     float32 on any other CPU, where bf16 would be both slower and less accurate.
-    Otherwise ``float32`` / ``bfloat16`` / ``float16``.
+    Otherwise ``float32`` / ``bfloat16`` / ``float16``, or ``int8`` on the CPU
+    (:mod:`esmc.quantize`; never chosen by ``auto``).
     """
     import torch
 
     device = torch.device(device)
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name == "int8" and device.type != "cpu":
+        raise ValueError(f"int8 runs on the CPU only, not on {device.type}")
+    names["int8"] = torch.int8
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name == "auto":

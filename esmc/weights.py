@@ -83,10 +83,15 @@ def load_pretrained(
     ``esmc_300m``, are aliases), any hub repo id, a local ``.pth`` / ``.safetensors`` file,
     or a local directory laid out like a hub repo. ``revision`` and ``token`` apply to the hub
     (its cache, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are honoured). Defaults: CUDA if available
-    in bfloat16, else CPU in float32.
+    in bfloat16, else CPU in float32. ``dtype=torch.int8``: see :func:`esmc.quantize.quantize_int8`
+    (CPU only).
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
+    if dtype == torch.int8:  # float32 weights, block projections then int8 (esmc.quantize)
+        from esmc.quantize import quantize_int8
+
+        return quantize_int8(load_pretrained(name_or_path, device, torch.float32, revision, token))
     name = os.fspath(name_or_path)
     name = OFFICIAL_NAMES.get(name, name)
     path, filename = locate(name, revision=revision, token=token)

@@ -47,7 +47,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument(
         "--dtype", choices=DTYPES,
         help="default: bfloat16 on CUDA, exact float32 on the CPU; auto: bfloat16 on CUDA and on "
-        "CPUs with native bf16 (AVX-512 BF16, AMX, Arm BF16), else float32",
+        "CPUs with native bf16 (AVX-512 BF16, AMX, Arm BF16), else float32; int8: CPU only, "
+        "int8 block projections (fast with AVX-512 VNNI or AMX), never chosen by auto",
     )
     p.add_argument(
         "--padded",

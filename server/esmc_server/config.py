@@ -16,7 +16,7 @@ from typing import Any
 
 ENV_PREFIX = "ESMC_"
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "float16", "bfloat16", "auto")  # auto: esmc.runtime.resolve_dtype
+DTYPES = ("float32", "float16", "bfloat16", "int8", "auto")  # esmc.runtime.resolve_dtype
 REQUEST_BYTES_PER_TOKEN = 256
 """Default request limit per token of the longest protein (19 variants of ~10 bytes each)."""
 
