@@ -29,7 +29,8 @@ from esmc.weights import save_safetensors
 from esmc_server.app import load_model
 from esmc_server.config import ServerConfig
 from helpers.models import encode_all, random_sequences, rel_err
-from helpers_server import protein_request, running_server, server_config, to_numpy
+from helpers.inprocess import running_server, server_config
+from helpers.wire import protein_request, to_numpy
 
 pytestmark = pytest.mark.model
 OUTPUTS = LogitsConfig(sequence=True, return_embeddings=True, return_mean_embedding=True)
