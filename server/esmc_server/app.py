@@ -214,6 +214,8 @@ async def create_server(
     """
     quiet_descriptor_errors(asyncio.get_running_loop())
     metrics = Metrics(queue_capacity=config.batching.max_queue)
+    if config.tls_cert:
+        metrics.watch_certificate(config.tls_cert)
     security = Security(
         config, on_refused=lambda method: metrics.on_request(_short(method), "UNAUTHENTICATED", 0.0)
     )

@@ -6,8 +6,9 @@ client objects are thread-safe); the servicer records each request's latency and
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -18,6 +19,12 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from esmc_server.certs import certificate_expiry
+
+log = logging.getLogger(__name__)
 
 _MS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -117,6 +124,10 @@ class Metrics:
         )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
+    def watch_certificate(self, path: str) -> None:
+        """Export the expiry of the TLS certificate file at ``path``, read at each scrape."""
+        self.registry.register(CertificateExpiry(path))
+
     # -- EngineObserver --------------------------------------------------------------------
 
     def on_batch(
@@ -179,3 +190,30 @@ class Metrics:
             server.server_close()
             thread.join(timeout=5)
             self._http = None
+
+
+class CertificateExpiry(Collector):
+    """``esmc_tls_certificate_expiry_timestamp_seconds``: ``notAfter`` of the certificate file,
+    read at each scrape (a renewed file shows at once; the server serves it after SIGHUP). No
+    sample while the file cannot be read or parsed (logged once per distinct error)."""
+
+    NAME = "esmc_tls_certificate_expiry_timestamp_seconds"
+    HELP = "Unix time at which the server's TLS certificate (the file) expires"
+
+    def __init__(self, path: str):
+        self.path = path
+        self._last_error: str | None = None
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.NAME, self.HELP)]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.NAME, self.HELP)
+        try:
+            family.add_metric([], certificate_expiry(self.path))
+            self._last_error = None
+        except (OSError, ValueError) as e:
+            if str(e) != self._last_error:
+                log.warning("tls_cert %s: expiry not exported: %s", self.path, e)
+            self._last_error = str(e)
+        yield family
