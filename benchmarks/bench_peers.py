@@ -1,4 +1,4 @@
-"""This project's ESMC side by side with the official ``esm`` package and ``transformers``.
+"""This project's ESMC side by side with the official ``esm`` package, ``transformers``, ``faesm``.
 
     python -m benchmarks.bench_peers --config esmc-300m --dtype float32 --device cpu \
         --fasta ../shared/data/proteome.fasta --proteins 8 --threads 2 --rounds 3
@@ -11,9 +11,13 @@ and runs the same proteins (the first ``--proteins`` of the FASTA file). Rows (`
 - ``esm-one`` / ``esm-batch``: the official ``esm`` ESMC, one protein per forward / padded
   batches of ``--batch-size`` in arrival order (what a user of that package would run);
 - ``hf-one`` / ``hf-batch``: ``transformers`` EsmcForMaskedLM (SDPA attention), the same two ways;
+- ``faesm-one`` / ``faesm-batch``: ``faesm``'s ESMC (SDPA on the CPU, flash attention on CUDA
+  where ``flash_attn`` is installed), the same two ways (:func:`benchmarks.peers.faesm_esmc`);
 - ``esmc-one``: this project, one protein per forward (padded forward of one row);
 - ``esmc-packed``: this project, packed end to end, at most ``--max-batch-tokens`` per forward
   (what the server runs); ``esmc-padded``: padded batches of ``--batch-size`` (optional);
+- ``int8-one`` / ``int8-packed``: this project in int8 (:mod:`esmc.quantize`), one protein per
+  forward / packed like ``esmc-packed``; float32 CPU runs only (dropped from others);
 - ``esmc-compiled``: ``esmc-packed`` with the block stack compiled (:mod:`esmc.compiled`;
   compile and warm-up happen before the timed rounds and are not timed);
 - ``ceiling-one`` / ``ceiling-packed``: only the projection matmuls of every layer (q;k;v, out,
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import random
 import statistics
 import time
@@ -46,76 +51,38 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from benchmarks.bench_forward import DTYPES, build_model, packed_batches
+from benchmarks.peers import faesm_esmc, int8_esmc, official_esmc, transformers_esmc
 from esmc.model import ESMC
+from esmc.quantize import is_int8
 from esmc.tokenizer import PAD_ID, encode
-from esmc.weights import legacy_name
 
 WAYS = (
-    "esm-one", "esm-batch", "hf-one", "hf-batch", "esmc-one", "esmc-packed", "esmc-padded",
-    "esmc-compiled", "ceiling-one", "ceiling-packed",
+    "esm-one", "esm-batch", "hf-one", "hf-batch", "faesm-one", "faesm-batch", "esmc-one",
+    "esmc-packed", "esmc-padded", "esmc-compiled", "int8-one", "int8-packed", "ceiling-one",
+    "ceiling-packed",
 )
 DEFAULT_WAYS = (
-    "esm-one", "esm-batch", "hf-one", "hf-batch", "esmc-one", "esmc-packed",
-    "ceiling-one", "ceiling-packed",
+    "esm-one", "esm-batch", "hf-one", "hf-batch", "faesm-one", "faesm-batch", "esmc-one",
+    "esmc-packed", "int8-one", "int8-packed", "ceiling-one", "ceiling-packed",
 )
 DESCRIPTIONS = {
     "esm-one": "official `esm` ESMC, one protein per forward",
     "esm-batch": "official `esm` ESMC, padded batches of {batch} in arrival order",
     "hf-one": "`transformers` EsmcForMaskedLM, one protein per forward",
     "hf-batch": "`transformers` EsmcForMaskedLM, padded batches of {batch}",
+    "faesm-one": "`faesm` ESMC, one protein per forward",
+    "faesm-batch": "`faesm` ESMC, padded batches of {batch}",
     "esmc-one": "this project's `esmc`, one protein per forward",
     "esmc-packed": "this project's `esmc`, packed, <= {budget} tokens per forward",
     "esmc-padded": "this project's `esmc`, padded batches of {batch}",
     "esmc-compiled": "this project's `esmc`, packed, compiled block stack",
+    "int8-one": "this project's `esmc` in int8, one protein per forward",
+    "int8-packed": "this project's `esmc` in int8, packed, <= {budget} tokens per forward",
     "ceiling-one": "projection matmuls alone, one protein at a time (ceiling)",
     "ceiling-packed": "projection matmuls alone, the packed batches (ceiling)",
 }
 
 Run = Callable[[], list[torch.Tensor] | None]  # one pass over all proteins: per-protein logits
-
-
-# -- the three models on the same weights ------------------------------------------------------
-
-
-def official_esmc(model: ESMC):
-    """The official ``esm`` ESMC (SDPA path) holding ``model``'s weights (legacy layout)."""
-    import esm.sdk  # noqa: F401  (must come before esm.models.esmc: circular import)
-    from esm.models.esmc import ESMC as ReferenceESMC
-    from esm.tokenization import get_esmc_model_tokenizers
-
-    c = model.config
-    reference = ReferenceESMC(  # built on the CPU: its rotary buffers are not in the state dict
-        d_model=c.d_model, n_heads=c.n_heads, n_layers=c.n_layers,
-        tokenizer=get_esmc_model_tokenizers(), use_flash_attn=False,
-    )
-    reference.load_state_dict(model.state_dict(), strict=True)  # keeps the module's float32
-    return reference.to(device=model.device, dtype=model.dtype).eval()
-
-
-def transformers_esmc(model: ESMC):
-    """``transformers`` EsmcForMaskedLM holding ``model``'s weights (strict load).
-
-    Each transformers key takes its slice of our tensor through the project's loader rules
-    (:func:`esmc.weights.legacy_name` gives our name, and the part of a packed tensor).
-    """
-    from transformers import EsmcConfig, EsmcForMaskedLM
-
-    c = model.config
-    config = EsmcConfig(
-        hidden_size=c.d_model, num_attention_heads=c.n_heads, num_hidden_layers=c.n_layers,
-        intermediate_size=c.ffn_hidden,
-    )
-    hf = EsmcForMaskedLM(config)  # on the CPU: its rotary buffers are not in the state dict
-    ours = model.state_dict()
-    state = {}
-    for key in hf.state_dict():
-        mapped = legacy_name(key, "transformers")
-        if mapped is None:
-            continue
-        name, part, parts = mapped
-        state[key] = ours[name].chunk(parts)[part]
-    hf.load_state_dict(state, strict=True)  # keeps the module's float32
-    return hf.to(device=model.device, dtype=model.dtype).eval()
 
 
 # -- one pass over the proteins, per way --------------------------------------------------------
@@ -148,6 +115,13 @@ def make_runs(ways, models, tokens, args, device) -> dict[str, Run]:
             out += unpad(logits, [lengths[i] for i in g])
         return out
 
+    def faesm_run(group_list):
+        out = []
+        for g in group_list:
+            logits = models["faesm"](padded([tokens[i] for i in g], device)).sequence_logits
+            out += unpad(logits, [lengths[i] for i in g])
+        return out
+
     def hf_run(group_list):
         out = []
         for g in group_list:
@@ -156,10 +130,10 @@ def make_runs(ways, models, tokens, args, device) -> dict[str, Run]:
             out += unpad(logits, [lengths[i] for i in g])
         return out
 
-    def esmc_padded_run(group_list):
+    def esmc_padded_run(group_list, model=ours):
         out = []
         for g in group_list:
-            logits = ours(padded([tokens[i] for i in g], device), hidden_layers=()).sequence_logits
+            logits = model(padded([tokens[i] for i in g], device), hidden_layers=()).sequence_logits
             out += unpad(logits, [lengths[i] for i in g])
         return out
 
@@ -179,6 +153,10 @@ def make_runs(ways, models, tokens, args, device) -> dict[str, Run]:
         "esm-batch": lambda: esm_run(groups),
         "hf-one": lambda: hf_run(singles),
         "hf-batch": lambda: hf_run(groups),
+        "faesm-one": lambda: faesm_run(singles),
+        "faesm-batch": lambda: faesm_run(groups),
+        "int8-one": lambda: esmc_padded_run(singles, models.get("int8")),
+        "int8-packed": lambda: esmc_packed_run(models["int8"].forward_packed),
         "esmc-one": lambda: esmc_padded_run(singles),
         "esmc-padded": lambda: esmc_padded_run(groups),
         "esmc-packed": lambda: esmc_packed_run(ours.forward_packed),
@@ -272,10 +250,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    load_at_start = os.getloadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    if device.type != "cpu" or dtype != torch.float32:  # int8 quantises float32 on the CPU
+        args.ways = [w for w in args.ways if not w.startswith("int8-")]
     records = common.load_proteins(args.fasta, args.proteins)
     max_residues = build_config_limit(args.config)
     fitted, changed = common.fit_to_length(records, max_residues, "crop")
@@ -297,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         models = {"esmc": reference_ours.to(dtype)}
     models["esm"] = official_esmc(models["esmc"]) if any(w.startswith("esm-") for w in args.ways) else None
     models["hf"] = transformers_esmc(models["esmc"]) if any(w.startswith("hf-") for w in args.ways) else None
+    if any(w.startswith("faesm-") for w in args.ways):
+        models["faesm"] = faesm_esmc(models["esmc"])
+    if any(w.startswith("int8-") for w in args.ways):
+        models["int8"] = int8_esmc(models["esmc"])
     if "esmc-compiled" in args.ways:
         from esmc.compiled import compile_blocks
 
@@ -328,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         r["of_ceiling"] = r["residues_per_s"] / c["residues_per_s"] if c else None
 
     header = [
-        f"# {args.config}: this project vs the official `esm` package and `transformers`, "
+        f"# {args.config}: this project vs the official `esm` package, `transformers`, `faesm`, "
         f"{args.dtype} weights, {device.type}",
         f"device: {common.device_description(device)}",
         f"workload: first {len(tokens)} proteins of {Path(args.fasta).name}, {residues:,} residues"
@@ -339,16 +324,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "agreement: worst protein's max |logits - ref| / max |ref| over residues; ref = official "
         "`esm` in float32, one protein per forward",
     ]
+    header.append(common.load_note(load_at_start))
     if args.note:
         header.append(args.note)
     header += ["", *table_lines(rows), ""]
     payload = {
         "benchmark": "peers",
         "command": "python -m benchmarks.bench_peers " + " ".join(argv or []),
+        "load": common.load_note(load_at_start),
         "config": args.config,
         "dtype": args.dtype,
-        "weights_dtypes": {  # what each model really holds (a module keeps its own dtype
-            name: str(next(m.parameters()).dtype).removeprefix("torch.")  # on a state load)
+        "weights_dtypes": {  # what each model really holds (loading keeps a module's dtype)
+            name: "int8" if is_int8(m) else str(next(m.parameters()).dtype).removeprefix("torch.")
             for name, m in models.items() if isinstance(m, torch.nn.Module)
         },
         "device": common.device_description(device),

@@ -107,7 +107,20 @@ def device_description(device: torch.device) -> str:
         memory = props.total_memory / 2**30
         return f"{props.name} ({memory:.0f} GiB), CUDA {torch.version.cuda}, {versions}"
     threads = torch.get_num_threads()
-    return f"CPU {_cpu_name()} ({os.cpu_count()} cores, {threads} torch threads), {versions}"
+    return (
+        f"CPU {_cpu_name()} ({os.cpu_count()} cores, {threads} torch threads; {_cpu_features()}),"
+        f" {versions}"
+    )
+
+
+def _cpu_features() -> str:
+    """The features that decide int8 and bf16 speed, as torch sees them."""
+    from esmc.runtime import cpu_capabilities
+
+    have = cpu_capabilities()
+    names = ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
+    found = [name for name in names if have.get(name)]
+    return ", ".join(found) if found else "none of AVX2/AVX-512/VNNI/AMX"
 
 
 def _cpu_name() -> str:
@@ -325,3 +338,12 @@ def parse_modes(parser, text: str, modes: tuple[str, ...]) -> list[str]:
     if not chosen or set(chosen) - set(modes):
         parser.error(f"--modes must be a subset of {modes}, got {chosen}")
     return chosen
+
+
+def load_note(started: tuple[float, float, float]) -> str:
+    """The machine's load average (``uptime``'s 1/5/15-minute figures) at start and now."""
+    now = os.getloadavg()
+    return (
+        f"machine load average (1/5/15 min): {started[0]:.2f}/{started[1]:.2f}/{started[2]:.2f} "
+        f"at start, {now[0]:.2f}/{now[1]:.2f}/{now[2]:.2f} at the end, {os.cpu_count()} CPUs"
+    )

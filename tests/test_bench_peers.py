@@ -41,3 +41,21 @@ def test_every_model_runs_in_the_requested_dtype(tmp_path):
     assert payload["weights_dtypes"] == {"esmc": "bfloat16", "esm": "bfloat16", "hf": "bfloat16"}
     for row in payload["rows"]:
         assert 1e-4 < row["agreement"] < 5e-2, row["way"]
+
+
+def test_faesm_and_int8_rows(tmp_path):
+    """faesm (imported offline: its hub tokenizer replaced by the pad id) agrees with the
+    reference like the other peers; the int8 rows hold int8 projections and differ from the
+    float32 reference by int8 rounding, not by nothing and not by more than a few percent."""
+    fasta = tmp_path / "p.fasta"
+    fasta.write_text(">a\nMKTAYIAKQRQISFVKSHFSRQ\n>b\nMLKNVQVLV\n>c\nACDEFGHIKLMNPQRSTVWYACDEFG\n")
+    payload = bench_peers.main([
+        "--config", "esmc-tiny", "--fasta", str(fasta), "--proteins", "3", "--rounds", "1",
+        "--batch-size", "2", "--ways", "faesm-one,faesm-batch,int8-one,int8-packed",
+    ])
+    rows = {r["way"]: r for r in payload["rows"]}
+    assert rows["faesm-one"]["agreement"] <= 1e-5 and rows["faesm-batch"]["agreement"] <= 1e-5
+    assert payload["weights_dtypes"]["int8"] == "int8"
+    for way in ("int8-one", "int8-packed"):
+        assert 1e-4 < rows[way]["agreement"] < 0.1, way
+    assert "load average" in payload["load"]
