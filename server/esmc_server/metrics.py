@@ -57,6 +57,17 @@ class Metrics:
         )
         self.queue_capacity.set(queue_capacity)
         self.queue_depth = Gauge("esmc_queue_depth", "Requests waiting for a forward", registry=r)
+        self.unread_response_bytes = Gauge(
+            "esmc_unread_response_bytes",
+            "Response bytes reserved and not yet written, all calls and streams together "
+            "(bounded by max_unread_response_bytes)",
+            registry=r,
+        )
+        self.stream_ids = Gauge(
+            "esmc_stream_ids",
+            "Ids remembered by open keyed streams (bounded by max_stream_ids)",
+            registry=r,
+        )
         self.active_generations = Gauge(
             "esmc_active_generations", "Generations in progress", registry=r
         )
@@ -159,6 +170,12 @@ class Metrics:
 
     def on_engine_failed(self) -> None:
         self.engine_failed.set(1)
+
+    def on_unread_response_bytes(self, n: int) -> None:
+        self.unread_response_bytes.set(n)
+
+    def on_stream_ids(self, n: int) -> None:
+        self.stream_ids.set(n)
 
     def on_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)

@@ -35,6 +35,7 @@ from esmc_server.config import ServerConfig
 from esmc_server.engine import Engine
 from esmc_server.errors import Cancelled, InvalidRequest, Unavailable
 from esmc_server.metrics import Metrics
+from esmc_server.budget import Leased, ResponseBudget, StreamIds
 from esmc_server.outcome import PUSHBACK_KEY, Outcome, abort
 from esmc_server.scoring import ScoringMethods
 from esmc_server.streams import keyed_stream
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ESMC"].full_name
 __all__ = ["ESMCServicer", "PUSHBACK_KEY", "SERVICE_NAME", "server_version"]
+STEP_BYTES_PER_TOKEN = 32
+"""Upper bound on a Generate message's bytes per token (sequence, ids, probabilities...)."""
 RESPONSE_THREADS = 2
 """Threads that build response messages (tensor bytes) off the event loop."""
 
@@ -71,6 +74,11 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         self.metrics = metrics or Metrics()
         self._served: Attached | None = None
         self._pool = ThreadPoolExecutor(RESPONSE_THREADS, thread_name_prefix="esmc-respond")
+        # one memory budget for the whole server (esmc_server.budget)
+        self.budget = ResponseBudget(
+            config.max_unread_response_bytes, self.metrics.on_unread_response_bytes
+        )
+        self.stream_ids = StreamIds(config.max_stream_ids, self.metrics.on_stream_ids)
         self._draining = False
 
     def attach(self, engine: Engine, model: ESMC) -> None:
@@ -125,6 +133,15 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
+    async def _leased(self, nbytes: int, build: Callable[..., Any], *args) -> Leased:
+        """:meth:`_build` under a reservation of ``nbytes`` from the server's budget."""
+        lease = await self.budget.reserve(nbytes)
+        try:
+            return Leased(await self._build(build, *args), lease)
+        except BaseException:
+            lease.release()
+            raise
+
     def _check_size(self, size: int, advice: str) -> None:
         convert.check_response_size(size, self._config.max_message_bytes, advice)
 
@@ -142,7 +159,13 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             outcome.record(context)
 
     async def write(self, context, message) -> None:
-        """Write one stream message; a client that does not read for the idle timeout is cut."""
+        """Write one stream message; a client that does not read for the idle timeout is cut.
+        A :class:`Leased` message gives its budget back once written (or failed)."""
+        if isinstance(message, Leased):
+            try:
+                return await self.write(context, message.data)
+            finally:
+                message.lease.release()
         timeout = self._config.stream_idle_timeout_s
         try:
             await asyncio.wait_for(context.write(message), timeout)
@@ -222,15 +245,19 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
                 config, layers, len(tokens), served.shapes, dtype
             )
             self._check_size(size, convert.LOGITS_SIZE_ADVICE)
-            result = await served.engine.logits(
-                tokens, config, deadline=convert.deadline_of(context),
-                dtype=convert.torch_dtype(dtype),
-            )
-            tracing.engine_done(result.timing)
-            metadata = convert.metadata_to_proto(result.timing)
-            return await self._build(
-                convert.logits_response_serialized, result.output, layers, dtype, metadata
-            )
+            lease = await self.budget.reserve(size)  # given back once handed to gRPC
+            try:
+                result = await served.engine.logits(
+                    tokens, config, deadline=convert.deadline_of(context),
+                    dtype=convert.torch_dtype(dtype),
+                )
+                tracing.engine_done(result.timing)
+                metadata = convert.metadata_to_proto(result.timing)
+                return await self._build(
+                    convert.logits_response_serialized, result.output, layers, dtype, metadata
+                )
+            finally:
+                lease.release()
 
         return await self._unary("Logits", context, handler)
 
@@ -242,12 +269,19 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             dtype = convert.output_dtype(request.output_dtype)
             size = convert.sample_response_bytes(sampling, len(tokens), served.shapes, dtype)
             self._check_size(size, convert.SAMPLE_SIZE_ADVICE)
-            output, timing = await served.engine.forward_and_sample(
-                tokens, sampling, convert.seed_of(request), deadline=convert.deadline_of(context)
-            )
-            tracing.engine_done(timing)
-            metadata = convert.metadata_to_proto(timing)
-            return await self._build(convert.forward_and_sample_response, output, dtype, metadata)
+            lease = await self.budget.reserve(size)  # given back once handed to gRPC
+            try:
+                output, timing = await served.engine.forward_and_sample(
+                    tokens, sampling, convert.seed_of(request),
+                    deadline=convert.deadline_of(context),
+                )
+                tracing.engine_done(timing)
+                metadata = convert.metadata_to_proto(timing)
+                return await self._build(
+                    convert.forward_and_sample_response, output, dtype, metadata
+                )
+            finally:
+                lease.release()
 
         return await self._unary("ForwardAndSample", context, handler)
 
@@ -265,7 +299,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             self._config.embed_window,
         )
 
-    async def _embed_one(self, request: pb.EmbedRequest, deadline: float | None) -> bytes:
+    async def _embed_one(self, request: pb.EmbedRequest, deadline: float | None) -> Leased:
         served = self._ready
         tokens = convert.tokens_from_request(request, self._max_tokens)
         config = convert.embed_config_from_proto(request, served.model.config.n_layers)
@@ -273,14 +307,21 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         layers = [0] if config.needs_hidden_states else []
         size = convert.logits_response_bytes(config, layers, len(tokens), served.shapes, dtype)
         self._check_size(size + len(request.id.encode()), convert.EMBED_SIZE_ADVICE)
-        result = await served.engine.logits(
-            tokens, config, deadline=deadline, dtype=convert.torch_dtype(dtype)
-        )
-        tracing.engine_done(result.timing, request.id)
-        metadata = convert.metadata_to_proto(result.timing)
-        return await self._build(
-            convert.embed_response_serialized, request.id, result.output, config, dtype, metadata
-        )
+        lease = await self.budget.reserve(size)  # given back once written (Leased)
+        try:
+            result = await served.engine.logits(
+                tokens, config, deadline=deadline, dtype=convert.torch_dtype(dtype)
+            )
+            tracing.engine_done(result.timing, request.id)
+            metadata = convert.metadata_to_proto(result.timing)
+            data = await self._build(
+                convert.embed_response_serialized, request.id, result.output, config, dtype,
+                metadata,
+            )
+        except BaseException:
+            lease.release()
+            raise
+        return Leased(data, lease)
 
     # -- Generate: server stream ----------------------------------------------------------------
 
@@ -315,20 +356,22 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         )
         totals = _StreamTotals()
         last_sent = None
+        step_bytes = 1024 + STEP_BYTES_PER_TOKEN * len(tokens)  # an upper bound per message
         try:
             async for event in events:
                 if last_sent is None or event.step.step != last_sent.step:
                     totals.add(event.timing)
                     tracing.engine_done(event.timing)
                     metadata = convert.metadata_to_proto(event.timing)
-                    response = await self._build(
-                        convert.generation_step_response, event.step, metadata
+                    response = await self._leased(
+                        step_bytes, convert.generation_step_response, event.step, metadata
                     )
                     await self.write(context, response)
                     last_sent = event.step
                 if event.final or event.step.done:
-                    final = await self._build(
-                        convert.generation_final_response, event.step, totals.metadata()
+                    final = await self._leased(
+                        step_bytes, convert.generation_final_response, event.step,
+                        totals.metadata(),
                     )
                     await self.write(context, final)
                     return

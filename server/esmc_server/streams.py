@@ -15,6 +15,7 @@ from typing import Any
 
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import convert
+from esmc_server.budget import Leased
 from esmc_server.errors import Cancelled, InvalidRequest, Unavailable
 from esmc_server.outcome import Outcome, abort, as_service_error
 
@@ -83,7 +84,7 @@ class KeyedReader:
         self.deadline = deadline
         self.results: asyncio.Queue = asyncio.Queue()
         self.window = asyncio.Semaphore(window)
-        self.seen: set[str] = set()
+        self.ids = servicer.stream_ids.new_set()  # counted server-wide (max_stream_ids)
         self.tasks: set[asyncio.Task] = set()
 
     async def read(self, request_iterator) -> None:
@@ -109,11 +110,10 @@ class KeyedReader:
 
     def _check_id(self, request_id: str) -> None:
         convert.stream_id_of(request_id)
-        if request_id in self.seen:
+        if not self.ids.add(request_id):
             raise InvalidRequest(
                 f"id {request_id!r} was already used in this stream; ids must be unique"
             )
-        self.seen.add(request_id)
 
     async def _answer(self, request) -> None:
         """This id's response, or this id's error: one bad sequence never ends the stream.
@@ -144,5 +144,11 @@ class KeyedReader:
         self.results.put_nowait((response, outcome))
 
     def cancel(self) -> None:
+        """Stop answering; give back the budget of responses never written, and the ids."""
         for task in self.tasks:
             task.cancel()
+        while not self.results.empty():
+            item = self.results.get_nowait()
+            if isinstance(item, tuple) and isinstance(item[0], Leased):
+                item[0].lease.release()
+        self.ids.close()
