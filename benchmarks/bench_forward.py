@@ -37,7 +37,7 @@ from esmc.runtime import keep_freed_memory
 from esmc.batch import TokenBatch
 from esmc.config import get_config
 from esmc.inference import autocast_for
-from esmc.model import ESMC, ESMCOutput
+from esmc import ESMC, ESMCOutput
 from esmc.tokenizer import encode
 
 WAYS = ("one", "padded", "sorted", "packed")

@@ -46,7 +46,7 @@ from benchmarks import common
 from benchmarks.bench_forward import packed_batches
 from esmc.generation import GenerationState
 from esmc.inference import run_logits
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.tokenizer import decode
 from esmc.types import ESMProtein, LogitsConfig
 from esmc.types import GenerationConfig as LibraryGenerationConfig

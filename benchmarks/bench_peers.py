@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from benchmarks import common
 from benchmarks.bench_forward import DTYPES, build_model, packed_batches
 from benchmarks.peers import faesm_esmc, int8_esmc, official_esmc, transformers_esmc
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.quantize import is_int8
 from esmc.tokenizer import PAD_ID, encode
 

@@ -33,7 +33,7 @@ import torch
 
 from benchmarks import common
 from esmc import scoring
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.tokenizer import MASK_ID, TOKEN_TO_ID, encode
 
 MODES = ("reference", "packed", "served")

@@ -26,7 +26,7 @@ import grpc
 import torch
 
 from esmc.config import ESMCConfig
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server.app import create_server

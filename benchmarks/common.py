@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from esmc.config import CONFIGS, get_config
 from esmc.fasta import read_fasta
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.weights import SHIPPED_MODELS, WeightsError, save_safetensors, shipped_weights
 
 LONG_POLICIES = ("crop", "skip")

@@ -14,7 +14,7 @@ import contextlib
 import copy
 import types
 
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.tokenizer import PAD_ID
 from esmc.weights import legacy_name
 

@@ -1,7 +1,8 @@
 """ESMC (ESM Cambrian) as a plain PyTorch library: tokenizer, model, weights, sampling."""
 
 from esmc.config import CONFIGS, ESMCConfig, get_config
-from esmc.model import ESMC, ESMCOutput
+from esmc.model import ESMCNetwork, ESMCOutput
+from esmc.pretrained import ESMC
 from esmc.tokenizer import TokenizationError
 from esmc.types import (
     ESMProtein,
@@ -20,6 +21,7 @@ __all__ = [
     "CONFIGS",
     "ESMC",
     "ESMCConfig",
+    "ESMCNetwork",
     "ESMCOutput",
     "ESMProtein",
     "ESMProteinError",

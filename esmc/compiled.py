@@ -27,7 +27,8 @@ from collections.abc import Sequence
 import torch
 
 from esmc.attention import SequenceLayout
-from esmc.model import ESMC, Block
+from esmc.inference import autocast_for
+from esmc.model import Block, ESMCNetwork, Rotary
 from esmc.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ WARMUP_LENGTHS = (37, 61)
 """Token counts of the warm-up sequences (any sizes > 1 do: the graphs are dynamic)."""
 
 
-def _project(block: Block, x: torch.Tensor, rotary: tuple) -> tuple[torch.Tensor, ...]:
+def _project(block: Block, x: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, ...]:
     return block.attn.project(x, rotary)
 
 
@@ -52,7 +53,7 @@ class CompiledBlocks:
         self.finish = torch.compile(_finish, dynamic=dynamic, mode=mode)
 
     def __call__(
-        self, block: Block, x: torch.Tensor, layout: SequenceLayout, rotary: tuple
+        self, block: Block, x: torch.Tensor, layout: SequenceLayout, rotary: Rotary
     ) -> torch.Tensor:
         q, k, v = self.project(block, x, rotary)
         # contiguous: one stride pattern whatever the attention returned (else a guard fails
@@ -61,18 +62,18 @@ class CompiledBlocks:
 
 
 def compile_blocks(
-    model: ESMC,
+    model: ESMCNetwork,
     *,
     warmup: Sequence[str] = ("packed",),
     dynamic: bool = True,
     mode: str | None = None,
-) -> ESMC:
+) -> ESMCNetwork:
     """Make ``model``'s forwards run the compiled block stack; compile ``warmup`` shapes now.
 
     ``warmup``: any of ``packed`` (the server's default layout), ``padded`` (one row and two
     rows). Returns ``model`` itself; :func:`uncompile` undoes it.
     """
-    model.__dict__["compiled_blocks"] = CompiledBlocks(dynamic=dynamic, mode=mode)
+    model.compiled_blocks = CompiledBlocks(dynamic=dynamic, mode=mode)
     start = time.perf_counter()
     warm_up(model, warmup)
     if warmup:
@@ -80,20 +81,18 @@ def compile_blocks(
     return model
 
 
-def uncompile(model: ESMC) -> ESMC:
-    model.__dict__.pop("compiled_blocks", None)
+def uncompile(model: ESMCNetwork) -> ESMCNetwork:
+    model.compiled_blocks = None
     return model
 
 
-def is_compiled(model: ESMC) -> bool:
-    return model.__dict__.get("compiled_blocks") is not None
+def is_compiled(model: ESMCNetwork) -> bool:
+    return model.compiled_blocks is not None
 
 
 @torch.no_grad()
-def warm_up(model: ESMC, layouts: Sequence[str]) -> None:
+def warm_up(model: ESMCNetwork, layouts: Sequence[str]) -> None:
     """One forward per layout in ``layouts`` on throwaway tokens (under the model's autocast)."""
-    from esmc.inference import autocast_for
-
     device = model.device
     sequences = [_tokens(n, device) for n in WARMUP_LENGTHS]
     with autocast_for(model):

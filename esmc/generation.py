@@ -22,7 +22,7 @@ import attrs
 import torch
 
 from esmc.inference import run_logits
-from esmc.model import ESMC
+from esmc.model import ESMCNetwork
 from esmc.sampling import (
     NoMasksError,
     RowSettings,
@@ -245,14 +245,14 @@ def advance_all(
 # -- driving states with the library's forwards ----------------------------------------------
 
 
-def sequence_logits(model: ESMC, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def sequence_logits(model: ESMCNetwork, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """One packed forward over ``tokens``; each protein's (L+2, 64) float32 logits."""
     outputs = run_logits(model, tokens, [LogitsConfig(sequence=True)] * len(tokens))
     return [out.logits.sequence for out in outputs]
 
 
 def batch_generate(
-    model: ESMC,
+    model: ESMCNetwork,
     inputs: Sequence[ProteinInput],
     configs: Sequence[GenerationConfig],
     seeds: Sequence[int | None] | None = None,
@@ -273,7 +273,7 @@ def batch_generate(
 
 
 def generate(
-    model: ESMC, input: ProteinInput, config: GenerationConfig, seed: int | None = None
+    model: ESMCNetwork, input: ProteinInput, config: GenerationConfig, seed: int | None = None
 ) -> ESMProtein | ESMProteinTensor:
     """Fill every mask of ``input`` in ``config.num_steps`` (clamped) forwards.
 
@@ -337,7 +337,7 @@ def sample_from_logits(
 
 
 def forward_and_sample(
-    model: ESMC,
+    model: ESMCNetwork,
     input: ProteinInput,
     sampling_config: SamplingConfig | None = None,
     seed: int | None = None,

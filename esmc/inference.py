@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from esmc.batch import TokenBatch
-from esmc.model import ESMC, ESMCOutput
+from esmc.model import ESMCNetwork, ESMCOutput
 from esmc.types import ForwardTrackData, LogitsConfig, LogitsOutput
 
 
@@ -41,7 +41,7 @@ def hidden_layer_indices(config: LogitsConfig, n_layers: int) -> list[int]:
     return [i % n_layers]
 
 
-def autocast_for(model: ESMC):
+def autocast_for(model: ESMCNetwork):
     """bf16 autocast on CUDA as the reference runs; nothing on the CPU."""
     if model.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -50,7 +50,7 @@ def autocast_for(model: ESMC):
 
 @torch.no_grad()
 def run_logits(
-    model: ESMC,
+    model: ESMCNetwork,
     tokens: Sequence[torch.Tensor],
     configs: Sequence[LogitsConfig],
     *,

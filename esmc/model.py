@@ -1,9 +1,13 @@
 """The ESMC network: state-dict keys and shapes identical to the reference ``esm`` package.
 
+Modules and forwards only (torch and the library's low-level modules); the class users load,
+:class:`esmc.ESMC` (weights, ``logits``, the esm SDK's methods), builds on
+:class:`ESMCNetwork` in :mod:`esmc.pretrained`.
+
 Two forwards share the weights:
-- :meth:`ESMC.forward` takes padded ``(B, L)`` tokens like the reference;
-- :meth:`ESMC.forward_packed` takes all sequences end to end with ``cu_seqlens``: rotary
-  positions restart per sequence and attention never crosses sequences (varlen flash
+- :meth:`ESMCNetwork.forward` takes padded ``(B, L)`` tokens like the reference;
+- :meth:`ESMCNetwork.forward_packed` takes all sequences end to end with ``cu_seqlens``:
+  rotary positions restart per sequence and attention never crosses sequences (varlen flash
   attention on CUDA, per-sequence SDPA on the CPU).
 """
 
@@ -11,17 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from esmc.attention import PackedLayout, PaddedLayout, SequenceLayout
-from esmc.batch import TokenBatch, masked_mean, residue_mask  # noqa: F401 (re-exported)
 from esmc.config import ESMCConfig
-from esmc.sdk_api import SDKMethods, as_logits_config, sequence_tokens
 from esmc.tokenizer import PAD_ID
-from esmc.types import ESMProteinTensor, ForwardTrackData, LogitsConfig, LogitsOutput
 
 ROTARY_BASE = 10000.0
 
@@ -31,6 +33,14 @@ class ESMCOutput:
     sequence_logits: torch.Tensor | None  # (B, L, 64) or (T, 64) packed; None if not asked
     embeddings: torch.Tensor  # (B, L, d) or (T, d), after the final norm
     hidden_states: torch.Tensor | None  # (layers kept, B, L, d) or (layers kept, T, d)
+
+
+class Rotary(NamedTuple):
+    """cos and sin of rotary positions (both halves of a head share them): (rows, d_head / 2)
+    as built, (positions, 1, d_head / 2) as a block takes them."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 class RotaryCache:
@@ -46,11 +56,9 @@ class RotaryCache:
 
     def __init__(self, d_head: int):
         self.d_head = d_head
-        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple[torch.device, torch.dtype], Rotary] = {}
 
-    def tables(
-        self, rows: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, rows: int, device: torch.device, dtype: torch.dtype) -> Rotary:
         """cos, sin of shape (>= rows, d_head / 2) on ``device`` in ``dtype``."""
         key = (torch.device(device), dtype)
         cached = self._tables.get(key)
@@ -61,27 +69,25 @@ class RotaryCache:
             self._tables[key] = cached
         return cached
 
-    def for_length(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def for_length(self, length: int, device, dtype) -> Rotary:
         """Positions 0..length-1: views (length, 1, d_head / 2) for x of (..., length, heads, 64)."""
         cos, sin = self.tables(length, device, dtype)
-        return cos[:length, None], sin[:length, None]
+        return Rotary(cos[:length, None], sin[:length, None])
 
-    def for_positions(self, positions: torch.Tensor, max_position: int, dtype):
+    def for_positions(self, positions: torch.Tensor, max_position: int, dtype) -> Rotary:
         """Any positions (T,), all < ``max_position``: gathered rows (T, 1, d_head / 2)."""
         cos, sin = self.tables(max_position, positions.device, dtype)
-        return cos[positions, None], sin[positions, None]
+        return Rotary(cos[positions, None], sin[positions, None])
 
 
-def rotary_tables(
-    positions: torch.Tensor, d_head: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(positions: torch.Tensor, d_head: int, dtype: torch.dtype) -> Rotary:
     """cos/sin of shape (*positions.shape, d_head / 2), fp32 angles (one half; both share it)."""
     inv_freq = 1.0 / (
         ROTARY_BASE
         ** (torch.arange(0, d_head, 2, device=positions.device, dtype=torch.float32) / d_head)
     )
     freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., d_head / 2)
-    return torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+    return Rotary(torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -110,11 +116,11 @@ class Attention(nn.Module):
         self.q_ln = nn.LayerNorm(d, bias=False)
         self.k_ln = nn.LayerNorm(d, bias=False)
 
-    def forward(self, x: torch.Tensor, layout: SequenceLayout, rotary: tuple) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: SequenceLayout, rotary: Rotary) -> torch.Tensor:
         q, k, v = self.project(x, rotary)
         return self.out_proj(layout.attend(q, k, v).flatten(-2))
 
-    def project(self, x: torch.Tensor, rotary: tuple) -> tuple[torch.Tensor, ...]:
+    def project(self, x: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, ...]:
         """q, k, v of shape (..., L, heads, 64): q/k normalised and rotated, v a view."""
         q, k, v = self.layernorm_qkv(x).chunk(3, dim=-1)  # views of one (..., L, 3d) tensor
         dtype = q.dtype
@@ -144,7 +150,7 @@ class Block(nn.Module):
         )
         self.scale = config.residual_scale
 
-    def forward(self, x: torch.Tensor, layout: SequenceLayout, rotary: tuple) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: SequenceLayout, rotary: Rotary) -> torch.Tensor:
         q, k, v = self.attn.project(x, rotary)
         return self.finish(x, layout.attend(q, k, v))
 
@@ -172,8 +178,20 @@ class TransformerStack(nn.Module):
         self.norm = nn.LayerNorm(config.d_model, bias=False)
 
 
-class ESMC(SDKMethods, nn.Module):
-    """ESM Cambrian. ``state_dict()`` matches the reference's legacy layout key for key."""
+class BlockRunner(Protocol):
+    """Runs one block in place of ``block(x, layout, rotary)``: :class:`esmc.compiled.CompiledBlocks`."""
+
+    def __call__(
+        self, block: Block, x: torch.Tensor, layout: SequenceLayout, rotary: Rotary
+    ) -> torch.Tensor: ...
+
+
+class ESMCNetwork(nn.Module):
+    """ESM Cambrian's network. ``state_dict()`` matches the reference's legacy layout key for key.
+
+    ``compiled_blocks``: when set (by :func:`esmc.compiled.compile_blocks`), every block runs
+    through it instead of eagerly. ``rotary_cache``: the rotary tables (not in the state dict).
+    """
 
     def __init__(self, config: ESMCConfig):
         super().__init__()
@@ -184,6 +202,8 @@ class ESMC(SDKMethods, nn.Module):
         self.sequence_head = nn.Sequential(
             nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d), nn.Linear(d, config.vocab_rows)
         )
+        self.rotary_cache = RotaryCache(config.d_head)
+        self.compiled_blocks: BlockRunner | None = None
 
     @property
     def device(self) -> torch.device:
@@ -192,55 +212,6 @@ class ESMC(SDKMethods, nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str = "esmc-tiny", device=None, **kwargs) -> ESMC:
-        """Load weights by registry name (official names such as ``esmc_300m`` too), Hugging
-        Face repo id, or local file/directory.
-
-        See :func:`esmc.weights.load_pretrained` for the arguments and layouts.
-        """
-        from esmc.weights import load_pretrained
-
-        return load_pretrained(name_or_path, device=device, **kwargs)
-
-    @torch.no_grad()
-    def logits(
-        self, input: ESMProteinTensor | torch.Tensor, config: LogitsConfig | None = None
-    ) -> LogitsOutput:
-        """The reference's ``logits`` call: one padded forward over ``input.sequence``.
-
-        ``input.sequence`` (or ``input`` itself, a tensor): (L,) token ids (a batch dimension is
-        added) or a padded (B, L) batch. ``input`` and ``config`` may also be the official
-        ``esm.sdk.api`` types (see :mod:`esmc.sdk_api`).
-        Outputs keep the batch dimension as the reference's do: logits (B, L, 64), embeddings
-        (B, L, d), hidden states (layers, B, L, d) in the model's compute dtype (bf16 autocast on
-        CUDA). Means are over residues only (BOS, EOS and padding excluded), float32:
-        mean_embedding (B, d), mean_hidden_states (layers, B, d).
-        """
-        from esmc.inference import autocast_for, hidden_layer_indices
-
-        config = as_logits_config(config)
-        tokens = sequence_tokens(input).to(self.device)
-        tokens = tokens.unsqueeze(0) if tokens.ndim == 1 else tokens  # (B, L)
-        layers = hidden_layer_indices(config, self.config.n_layers)
-        batch = TokenBatch.from_padded(tokens)
-        with autocast_for(self):
-            out = batch.forward(self, layers, return_logits=config.sequence)
-        residues = batch.residue_mask()  # (B, L)
-        return LogitsOutput(
-            logits=ForwardTrackData(sequence=out.sequence_logits if config.sequence else None),
-            embeddings=out.embeddings if config.return_embeddings else None,
-            hidden_states=out.hidden_states if config.return_hidden_states else None,
-            mean_embedding=(
-                masked_mean(out.embeddings, residues) if config.return_mean_embedding else None
-            ),
-            mean_hidden_states=(
-                masked_mean(out.hidden_states, residues)
-                if config.return_mean_hidden_states
-                else None
-            ),
-        )
 
     # -- forwards ---------------------------------------------------------------------------
 
@@ -262,7 +233,7 @@ class ESMC(SDKMethods, nn.Module):
             sequence_id = sequence_tokens != PAD_ID
         x = self.embed(sequence_tokens)  # (B, L, d)
         length = sequence_tokens.shape[1]
-        rotary = self._rotary.for_length(length, x.device, self._compute_dtype(x))
+        rotary = self.rotary_cache.for_length(length, x.device, self._compute_dtype(x))
         return self._run(x, rotary, PaddedLayout(sequence_id), hidden_layers, return_logits)
 
     def forward_packed(
@@ -283,15 +254,8 @@ class ESMC(SDKMethods, nn.Module):
         layout = PackedLayout(cu_seqlens.to(torch.int32), int(max_seqlen))
         x = self.embed(tokens)  # (T, d)
         positions = layout.positions(tokens.shape[0])
-        rotary = self._rotary.for_positions(positions, int(max_seqlen), self._compute_dtype(x))
+        rotary = self.rotary_cache.for_positions(positions, int(max_seqlen), self._compute_dtype(x))
         return self._run(x, rotary, layout, hidden_layers, return_logits)
-
-    @property
-    def _rotary(self) -> RotaryCache:
-        cache = self.__dict__.get("_rotary_cache")
-        if cache is None:  # plain attribute: not a buffer, not in the state dict
-            cache = self.__dict__["_rotary_cache"] = RotaryCache(self.config.d_head)
-        return cache
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         return torch.get_autocast_dtype("cuda") if _autocasting(x) else x.dtype
@@ -299,13 +263,13 @@ class ESMC(SDKMethods, nn.Module):
     def _run(
         self,
         x: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
+        rotary: Rotary,
         layout: SequenceLayout,
         hidden_layers: Sequence[int] | None,
         return_logits: bool,
     ) -> ESMCOutput:
         keep = set(range(self.config.n_layers) if hidden_layers is None else hidden_layers)
-        compiled = self.__dict__.get("compiled_blocks")  # set by esmc.compiled.compile_blocks
+        compiled = self.compiled_blocks
         hiddens = []
         for i, block in enumerate(self.transformer.blocks):
             if compiled is None:

@@ -97,7 +97,7 @@ class Int8Linear(nn.Module):
 def quantize_int8(model: nn.Module, activation_bits: int | None = None) -> nn.Module:
     """Replace ``model``'s block projections by :class:`Int8Linear`, in place; returns it.
 
-    ``model``: an :class:`esmc.model.ESMC` in float32 on the CPU. ``activation_bits``: 8 or 7;
+    ``model``: an :class:`esmc.model.ESMCNetwork` (or :class:`esmc.ESMC`) in float32 on the CPU. ``activation_bits``: 8 or 7;
     ``None`` picks by the CPU (:func:`activation_bits_for`) and logs a warning where the CPU
     has neither VNNI nor AMX.
     """

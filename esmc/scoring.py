@@ -34,7 +34,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from esmc.inference import run_logits
 from esmc.tokenizer import MASK_ID, TOKEN_TO_ID, encode_ids
+from esmc.types import LogitsConfig
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 """Column order of the site-saturation map (and the letters a substitution may introduce)."""
@@ -381,9 +383,6 @@ def _check_options(method: str, normalization: str, wild_type: str) -> None:
 def run_plan(model, plan: ScoringPlan, *, max_batch_tokens: int = DEFAULT_BATCH_TOKENS):
     """Forward every copy of ``plan`` on ``model``, packed into batches of at most
     ``max_batch_tokens`` tokens (a copy longer than that rides alone), and reduce."""
-    from esmc.inference import run_logits
-    from esmc.types import LogitsConfig
-
     config = LogitsConfig(sequence=True)
     reads: list[torch.Tensor] = []
     for batch in pack_copies(plan, max_batch_tokens):

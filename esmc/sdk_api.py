@@ -1,9 +1,10 @@
-"""The official ``esm`` SDK's client methods on :class:`esmc.ESMC`.
+"""The official ``esm`` SDK's types beside this library's: what :class:`esmc.ESMC`'s SDK
+methods (in :mod:`esmc.pretrained`) use to take either family and answer in the same one.
 
 Code written against ``esm.models.esmc.ESMC`` (and the generation methods of the SDK's
 ``ESM3InferenceClient``) runs with only the import changed: ``encode``, ``decode``,
-``logits`` (in :mod:`esmc.model`), ``generate``, ``batch_generate``, ``forward_and_sample``,
-their async twins and ``raw_model``.
+``logits``, ``generate``, ``batch_generate``, ``forward_and_sample``, their async twins and
+``raw_model``.
 
 Inputs may be this library's types (:mod:`esmc.types`) or the official ``esm.sdk.api``
 ones; every output is built from the same family as the input, so results flow back into
@@ -21,9 +22,7 @@ the tokens the reference gives after ``torch.manual_seed(s)``.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 
 from esmc import tokenizer
 from esmc import types as esmc_types
+from esmc.generation import default_sampling_config
 
 _OFFICIAL_PREFIX = "esm."
 _SDK_MODULE = "esm.sdk.api"
@@ -99,8 +99,6 @@ def as_sampling_config(config: Any) -> esmc_types.SamplingConfig:
     None means the reference's default (sample the sequence at its masks).
     """
     if config is None:
-        from esmc.generation import default_sampling_config
-
         return default_sampling_config()
     track = getattr(config, "sequence", None)
     return esmc_types.SamplingConfig(
@@ -116,7 +114,7 @@ def as_generation_config(config: Any) -> esmc_types.GenerationConfig:
     return convert(config, esmc_types.GenerationConfig)
 
 
-def _library_input(input: Any) -> esmc_types.ESMProteinTensor:
+def library_input(input: Any) -> esmc_types.ESMProteinTensor:
     """A protein or protein tensor of either family as this library's tokens (CPU)."""
     tokens = getattr(input, "sequence", None)
     if isinstance(tokens, str):
@@ -126,7 +124,7 @@ def _library_input(input: Any) -> esmc_types.ESMProteinTensor:
     return esmc_types.ESMProteinTensor(sequence=tokens.detach().to("cpu"))
 
 
-def _like_input(input: Any, tokens: torch.Tensor) -> Any:
+def like_input(input: Any, tokens: torch.Tensor) -> Any:
     """``input`` with its sequence replaced by ``tokens`` (decoded for a protein)."""
     if isinstance(input.sequence, str):
         return attrs.evolve(input, sequence=tokenizer.decode(tokens))
@@ -141,111 +139,3 @@ def drawn_seed() -> int:
 def protein_error(family: ModuleType, code: int, message: str) -> Exception:
     """The SDK's ``ESMProteinError`` (or this library's) with an HTTP-style code."""
     return family.ESMProteinError(error_code=code, error_msg=message)
-
-
-# -- the methods ---------------------------------------------------------------------------
-
-
-class SDKMethods:
-    """Mixed into :class:`esmc.ESMC`; the model's ``logits`` lives in :mod:`esmc.model`."""
-
-    @property
-    def raw_model(self):
-        return self
-
-    def encode(self, input: Any) -> Any:
-        """``ESMProtein`` -> ``ESMProteinTensor`` of ``<cls> ids... <eos>`` on the model's device."""
-        family = family_of(input)
-        if input.sequence is None:
-            return family.ESMProteinTensor()
-        tokens = tokenizer.encode(input.sequence).to(self.device)
-        return family.ESMProteinTensor(sequence=tokens)
-
-    def decode(self, input: Any) -> Any:
-        """``ESMProteinTensor`` -> ``ESMProtein``; (L,) or (B, L) tokens (the first row)."""
-        tokens = sequence_tokens(input)
-        tokens = tokens[0] if tokens.ndim == 2 else tokens
-        return family_of(input).ESMProtein(sequence=tokenizer.decode(tokens.cpu()))
-
-    def generate(self, input: Any, config: Any, seed: int | None = None) -> Any:
-        """Fill the masks of ``input`` (protein or protein tensor): the same type back, or
-        an ``ESMProteinError`` (returned, as the reference returns it)."""
-        return self.batch_generate([input], [config], [seed])[0]
-
-    def batch_generate(
-        self,
-        inputs: Sequence[Any],
-        configs: Sequence[Any],
-        seeds: Sequence[int | None] | None = None,
-    ) -> list[Any]:
-        """Generate every prompt (continuous batching over packed forwards).
-
-        A prompt that cannot be generated (no mask, invalid tokens or config) gets an
-        ``ESMProteinError`` in its place, as the reference's iterative sampling does.
-        """
-        from esmc.generation import GenerationState, batch_generate
-        from esmc.sampling import NoMasksError
-
-        if len(inputs) != len(configs):
-            raise ValueError("Must have the same number of prompts and configs.")
-        if seeds is not None and len(seeds) != len(inputs):
-            raise ValueError("Must have the same number of prompts and seeds.")
-        if not inputs:
-            return []
-        if any(type(x) is not type(inputs[0]) for x in inputs):
-            raise ValueError("Prompts must have the same type.")
-        seeds = [None] * len(inputs) if seeds is None else seeds
-        results: list[Any] = [None] * len(inputs)
-        jobs = []
-        for i, (input, config, seed) in enumerate(zip(inputs, configs, seeds)):
-            family = family_of(input)
-            try:
-                job = (_library_input(input), as_generation_config(config))
-                job += (drawn_seed() if seed is None else seed,)
-                GenerationState(*job)  # validates; raises before any forward
-            except ValueError as error:
-                code = ERROR_NO_MASKS if isinstance(error, NoMasksError) else ERROR_BAD_REQUEST
-                results[i] = protein_error(family, code, str(error))
-                continue
-            jobs.append((i, job))
-        if jobs:
-            prompts, job_configs, job_seeds = zip(*(job for _, job in jobs))
-            outputs = batch_generate(self, prompts, job_configs, job_seeds)
-            for (i, _), output in zip(jobs, outputs):
-                results[i] = _like_input(inputs[i], output.sequence)
-        return results
-
-    def forward_and_sample(
-        self, input: Any, sampling_configuration: Any = None, seed: int | None = None
-    ) -> Any:
-        """One forward, then sampling of the sequence track; per-protein shapes (L+2, ...)."""
-        from esmc.generation import forward_and_sample
-
-        config = as_sampling_config(sampling_configuration)
-        seed = drawn_seed() if seed is None else seed
-        tokens = sequence_tokens(input)
-        output = forward_and_sample(self, tokens.detach().to("cpu"), config, seed)
-        result = mirror(output, input)
-        if not isinstance(input, torch.Tensor):
-            result.protein_tensor = _like_input(input, output.protein_tensor.sequence)
-        return result
-
-    # -- async twins (the work runs in a thread; the model is not thread-safe to share) --
-
-    async def async_encode(self, input: Any) -> Any:
-        return await asyncio.to_thread(self.encode, input)
-
-    async def async_decode(self, input: Any) -> Any:
-        return await asyncio.to_thread(self.decode, input)
-
-    async def async_logits(self, input: Any, config: Any = None) -> Any:
-        return await asyncio.to_thread(self.logits, input, config)
-
-    async def async_generate(self, input: Any, config: Any) -> Any:
-        return await asyncio.to_thread(self.generate, input, config)
-
-    async def async_batch_generate(self, inputs: Sequence[Any], configs: Sequence[Any]) -> list:
-        return await asyncio.to_thread(self.batch_generate, inputs, configs)
-
-    async def async_forward_and_sample(self, input: Any, sampling_configuration: Any = None):
-        return await asyncio.to_thread(self.forward_and_sample, input, sampling_configuration)

@@ -10,6 +10,7 @@ from esmc_client.cli import build_parser, main
 from esmc_client.cli_commands import top_tokens_lines
 from esmc_client.fasta import FastaError, read_fasta, residue_count, truncate
 from esmc_client.outputs import read_embeddings, write_embeddings
+from helpers.data import proteome_path
 
 pytestmark = pytest.mark.unit
 
@@ -103,12 +104,22 @@ def test_read_fasta_rejects_text_before_a_header(tmp_path):
         list(read_fasta(path))
 
 
-def test_one_fasta_reader_for_library_and_client():
-    """esmc.fasta is the client's reader, and importing that reader loads neither grpc nor torch."""
+def test_the_library_reads_fasta_as_the_client_does(tmp_path):
+    """The library's reader (esmc.fasta; the library may not import the client) gives the
+    client's records, on edge cases and the whole proteome; importing the client's reader
+    loads neither grpc nor torch."""
     import esmc.fasta
     import esmc_client.fasta
 
-    assert esmc.fasta.read_fasta is esmc_client.fasta.read_fasta
+    path = tmp_path / "in.fasta"
+    path.write_text(">sp|P1|ONE first\nmktay\nIAKQ*\n\n; note\n>two\nLL<mask>V\n>\n>e\n>x y\nM K\tT*\n")
+    for source in (path, proteome_path()):
+        assert list(esmc.fasta.read_fasta(source)) == list(esmc_client.fasta.read_fasta(source))
+    bad = tmp_path / "bad.fasta"
+    bad.write_text("\nMKT\n>a\nMK\n")
+    for reader in (esmc.fasta, esmc_client.fasta):
+        with pytest.raises(reader.FastaError, match=r"bad.fasta:2: sequence data before the first"):
+            list(reader.read_fasta(bad))
     script = ("import sys, esmc_client.fasta; "
               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'torch', 'numpy')))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -22,7 +22,7 @@ from esmc.config import ESMCConfig
 from esmc.generation import forward_and_sample as local_forward_and_sample
 from esmc.generation import generate as local_generate
 from esmc.inference import run_logits
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.types import ESMProtein as LocalProtein
 from esmc.types import GenerationConfig as LocalGenerationConfig
 from esmc.types import LogitsConfig as LocalLogitsConfig

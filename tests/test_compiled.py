@@ -50,11 +50,11 @@ def test_compiled_packed_forward_equals_eager(tiny_model, compiled):
 
 def test_compiled_block_steps_equal_eager(tiny_model, compiled):
     """Each compiled half of a block against the eager block on random packed inputs."""
-    blocks = compiled.__dict__["compiled_blocks"]
+    blocks = compiled.compiled_blocks
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(57, TINY.d_model, generator=generator)
     context = torch.randn(57, TINY.n_heads, TINY.d_head, generator=generator)
-    rotary = tiny_model._rotary.for_positions(torch.arange(57), 57, torch.float32)
+    rotary = tiny_model.rotary_cache.for_positions(torch.arange(57), 57, torch.float32)
     with torch.no_grad():
         for block in tiny_model.transformer.blocks:
             assert rel_err(blocks.finish(block, x, context), block.finish(x, context)) <= TOLERANCE

@@ -214,7 +214,7 @@ def test_dockerfile_is_pinned_copies_what_exists_and_installs_what_the_readme_sa
                 assert source == "." or not dockerignored(source), source
     # what `pip install .` needs is in the build context
     pyproject = (ROOT / "pyproject.toml").read_text()
-    needed = ["pyproject.toml", "README.md", "esmc/weights/esmc-tiny.safetensors"]
+    needed = ["pyproject.toml", "README.md", "esmc/shipped/esmc-tiny.safetensors"]
     needed += re.findall(r'"(?:esmc|esmc_server|esmc_client)" = "([^"]+)"', pyproject)
     for relative in needed:
         assert (ROOT / relative).exists() and not dockerignored(relative), relative

@@ -52,13 +52,13 @@ def test_model_reuses_its_rotary_tables(tiny_model):
     tokens = encode_all(random_sequences([30, 12], seed=4))
     with torch.no_grad():
         tiny_model(tokens[0][None])
-        tables = tiny_model._rotary.tables(1, torch.device("cpu"), torch.float32)
+        tables = tiny_model.rotary_cache.tables(1, torch.device("cpu"), torch.float32)
         tiny_model(pad(tokens))
         flat = torch.cat(tokens)
         cu = torch.tensor([0, 32, 46], dtype=torch.int32)
         tiny_model.forward_packed(flat, cu, 32)
-    assert tiny_model._rotary.tables(1, torch.device("cpu"), torch.float32)[0] is tables[0]
-    assert "_rotary_cache" not in "".join(tiny_model.state_dict())
+    assert tiny_model.rotary_cache.tables(1, torch.device("cpu"), torch.float32)[0] is tables[0]
+    assert not any("rotary" in key for key in tiny_model.state_dict())
 
 
 def test_packed_positions_restart_at_every_sequence_without_reading_back():

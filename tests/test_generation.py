@@ -16,7 +16,7 @@ from esmc.generation import (
     sequence_logits,
 )
 from esmc.inference import run_logits
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.sampling import UnsupportedTrackError, allowed_ids, filter_logits
 from esmc.tokenizer import BOS_ID, EOS_ID, MASK_ID, RESIDUES, decode, encode
 from esmc.types import (

@@ -28,7 +28,7 @@ import torch
 
 from esmc.config import ESMCConfig
 from esmc.generation import GenerationState, batch_generate, generate, sequence_logits
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.tokenizer import RESIDUES, encode
 from esmc.types import GenerationConfig
 

@@ -25,7 +25,7 @@ import torch
 
 from esmc.config import ESMCConfig
 from esmc.fasta import read_fasta
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.weights import save_safetensors
 from esmc_client import ESMCClient, GenerationConfig, LogitsConfig
 from helpers.data import proteome_path

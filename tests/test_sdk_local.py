@@ -132,16 +132,17 @@ def test_official_script_gives_the_same_numbers_with_only_the_import_changed(scr
 def test_official_names_are_aliases(official, ours, monkeypatch):
     assert OFFICIAL_NAMES[official] == ours
     assert get_config(official) == CONFIGS[ours]
-    import esmc.weights as weights
+    import esmc.checkpoints.locate as locate
+    from esmc.weights import WeightsError
 
     asked = []
 
     def fake_download(repo_id, **kwargs):
         asked.append(repo_id)
-        raise weights.WeightsError("stop here")
+        raise WeightsError("stop here")
 
-    monkeypatch.setattr(weights, "download", fake_download)
-    with pytest.raises(weights.WeightsError, match="stop here"):
+    monkeypatch.setattr(locate, "download", fake_download)
+    with pytest.raises(WeightsError, match="stop here"):
         ESMC.from_pretrained(official, torch.device("cpu"))
     assert asked == [HUB_CHECKPOINTS[ours].repo_id]
 

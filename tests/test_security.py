@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from esmc.config import ESMCConfig
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc_client import AsyncESMCClient, ESMCClient, ESMCError, GenerationConfig, LogitsConfig
 from esmc_client.cli import main as cli_main
 from esmc_client.security import probe_address

@@ -2,7 +2,7 @@
 proteins it never saw (the held-out 10%, split by protein with a fixed seed)."""
 
 import pytest
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.training.data import load_split, unigram_log_probs
 from esmc.training.evaluate import masked_perplexity
 from esmc.weights import SHIPPED_DIR

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 
 from esmc.config import ESMCConfig  # noqa: E402
-from esmc.model import ESMC  # noqa: E402
+from esmc import ESMC  # noqa: E402
 from esmc_client import ESMCClient, ESMCError, GenerationConfig, LogitsConfig  # noqa: E402
 from esmc_server import tracing  # noqa: E402
 from esmc_server.config import ServerConfig  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from esmc import ESMC, ESMCConfig
-from esmc import weights
+from esmc.checkpoints import locate
 from esmc.weights import WeightsError, hub_error, load_pretrained, save_safetensors
 from helpers.checkpoints import (
     legacy_state_dict,
@@ -281,7 +281,7 @@ def test_directory_without_weights(tmp_path):
 
 
 def test_shipped_weights_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(weights, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(locate, "SHIPPED_DIR", tmp_path)
     with pytest.raises(WeightsError) as info:
         load_pretrained("esmc-tiny")
     assert "shipped esmc-tiny weights are missing" in str(info.value)

@@ -1,7 +1,8 @@
-"""The project's one FASTA reader (standard library only: no torch, no grpc).
+"""The client's FASTA reader (standard library only: no torch, no grpc).
 
-``esmc.fasta`` re-exports it, so the library, the training code, the benchmarks, the client
-and the CLI read files by the same rules:
+The client and the CLI read files by these rules; the model library, which may not import
+the client, has its own reader by the same rules (``esmc.fasta``; a test checks that both
+give the same records):
 
 - a record starts at a ``>`` header; its id is the header's first word
   (``>sp|P69905|HBA_HUMAN Hemoglobin`` -> ``sp|P69905|HBA_HUMAN``);

@@ -12,7 +12,7 @@ import random
 import torch
 
 from esmc.batch import TokenBatch
-from esmc.model import ESMC
+from esmc.pretrained import ESMC
 from esmc.training.data import (
     DEFAULT_DATA_DIR,
     crop,

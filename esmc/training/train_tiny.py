@@ -1,7 +1,7 @@
 """Train the shipped ``esmc-tiny`` with the masked-LM objective on the real proteins in
 ``../shared/data`` (held-out 10% never seen). Reproducible from ``--seed``.
 
-    python -m esmc.training.train_tiny --steps 2000 --out esmc/weights
+    python -m esmc.training.train_tiny --steps 2000 --out esmc/shipped
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from esmc.config import CONFIGS, ESMCConfig
-from esmc.model import ESMC
+from esmc.model import ESMCNetwork
 from esmc.tokenizer import MASK_ID, PAD_ID, TOKEN_TO_ID, encode_ids
 from esmc.training.data import DEFAULT_DATA_DIR, STANDARD_AMINO_ACIDS, crop, load_split
-from esmc.weights import save_safetensors
+from esmc.checkpoints.load import save_safetensors
 
 MASK_RATE = 0.15
 STANDARD_IDS = torch.tensor([TOKEN_TO_ID[c] for c in STANDARD_AMINO_ACIDS])
@@ -78,7 +78,7 @@ def train(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     split = load_split(Path(args.data_dir))
     config: ESMCConfig = CONFIGS["esmc-tiny"]
-    model = ESMC(config)
+    model = ESMCNetwork(config)
     init_weights(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"esmc-tiny: {params:,} parameters; {len(split.train)} train / {len(split.heldout)} held-out proteins")
@@ -125,7 +125,7 @@ def train(args: argparse.Namespace) -> None:
     (out_dir / "esmc-tiny.training.json").write_text(json.dumps(meta, indent=1))
 
 
-def init_weights(model: ESMC) -> None:
+def init_weights(model: ESMCNetwork) -> None:
     """Small normal init; output projections scaled down by depth."""
     for name, p in model.named_parameters():
         if p.ndim >= 2:
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    parser.add_argument("--out", default="esmc/weights")
+    parser.add_argument("--out", default="esmc/shipped")
     train(parser.parse_args())
 
 

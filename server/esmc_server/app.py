@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.runtime import resolve_dtype
 from esmc.weights import default_device
 from esmc_proto.v1 import esmc_pb2 as pb

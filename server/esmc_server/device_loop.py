@@ -38,7 +38,7 @@ import torch
 from esmc.batch import TokenBatch
 from esmc.generation import GenerationStep
 from esmc.inference import as_logits_output
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc_server.config import BatchingConfig
 from esmc_server.errors import InternalError, SequenceTooLargeForDevice, ServiceError, Unavailable
 from esmc_server.execute import BatchExecutor

@@ -24,7 +24,7 @@ import torch
 
 from esmc.generation import GenerationState, logits_config_for, resolve_seed, sample_from_logits
 from esmc.inference import InvalidLayerError, hidden_layer_indices
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc.sampling import validate_sampling_config
 from esmc.tokenizer import MASK_ID, encode
 from esmc.types import (

@@ -27,7 +27,7 @@ import torch
 from esmc.batch import TokenBatch
 from esmc.generation import GenerationState, prepare_steps
 from esmc.inference import autocast_for, outputs_to_host, select_outputs
-from esmc.model import ESMC, ESMCOutput
+from esmc import ESMC, ESMCOutput
 from esmc.sampling import SamplingRows
 from esmc.types import LogitsConfig
 

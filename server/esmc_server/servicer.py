@@ -27,7 +27,7 @@ from importlib import metadata as importlib_metadata
 from typing import Any
 
 from esmc import tokenizer
-from esmc.model import ESMC
+from esmc import ESMC
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server import convert, tracing

@@ -1,6 +1,6 @@
 """Write an ESMC's weights in each published layout, laid out like the hub repos.
 
-The mappings here are written from the reference table (docs/ESMC-REFERENCE.md), apart from
+The mappings here are written from the table of docs/checkpoints.md, apart from
 the loader's, so that loading what these write checks the loader against the table; the
 ``transformers`` layout is written by ``transformers`` itself (``save_pretrained``).
 """
