@@ -207,3 +207,22 @@ def test_a_reader_that_goes_away_is_no_traceback(tmp_path):
     assert first.startswith("logits (1002, 64)")
     assert run.returncode == 141, run.stderr
     assert run.stderr == ""
+
+
+# -- Ray jobs ------------------------------------------------------------------------------
+
+
+def test_ray_without_a_cluster_at_address_auto_is_one_line(tmp_path):
+    pytest.importorskip("ray")
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">a\nMKT\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GRPC_"))}
+    env["RAY_TMPDIR"] = str(tmp_path / "ray")  # where `auto` looks for a running cluster: none
+    run = subprocess.run(
+        [sys.executable, "-m", "esmc_client.cli", "ray-embed", str(fasta), "-o",
+         str(tmp_path / "out"), "--address", "auto"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2
+    assert run.stderr.startswith("esmc ray-embed: no Ray cluster at --address auto ("), run.stderr
+    assert run.stderr.count("\n") == 1 and "ray start --head" in run.stderr

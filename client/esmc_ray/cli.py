@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +35,7 @@ from esmc_ray.score import score_with_servers
 from esmc_server.config import BatchingConfig  # no torch: the engine's settings only
 
 RAY_EXTRA_HINT = "needs the ray extra: pip install 'esmc-serve[ray]'"
+RAY_LOG_LEVEL_ENV = "RAY_BACKEND_LOG_LEVEL"
 
 
 def ray_embed(argv: Sequence[str] | None = None) -> int:
@@ -145,6 +148,8 @@ def run_job_command(args: argparse.Namespace, job: Callable[[dict[str, Any]], Jo
     """Start Ray (unless it runs already), run ``job(options shared by every job)``, print
     the summary; exit 0 when every id has a row without an error, 1 otherwise, 2 on bad
     arguments, a missing ``[ray]`` extra or a Ray cluster that cannot be reached."""
+    if not args.verbose:
+        quiet_ray()
     try:
         import ray
         import ray.data
@@ -173,6 +178,13 @@ def run_job_command(args: argparse.Namespace, job: Callable[[dict[str, Any]], Jo
     print(summary.line(), file=sys.stderr)
     print(json.dumps({"summary": summary.__dict__}))
     return EXIT_OK if summary.complete and summary.errors == 0 else EXIT_SOME_FAILED
+
+
+def quiet_ray(environ=os.environ) -> None:
+    """Ray's own log lines and warnings off (its C++ core's ``E`` lines, the driver's
+    warnings): they read like failures of the job, which reports its own in one line."""
+    environ.setdefault(RAY_LOG_LEVEL_ENV, "fatal")  # read when ray.init starts the core
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
 
 
 def _start_ray(ray, address: str | None, verbose: bool) -> None:
