@@ -7,6 +7,7 @@ Real in-process servers on port 0; the tests count statuses and log records, nev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import grpc
@@ -68,3 +69,52 @@ async def test_generate_streams_cancelled_mid_write_count_cancelled_without_erro
         await running.assert_serving()
     loud = [r for r in caplog.records if r.levelno > logging.INFO]
     assert loud == [], [r.getMessage() for r in loud][:5]
+
+
+async def test_a_token_removed_by_a_reload_ends_its_open_streams(model, tmp_path):
+    """Two callers stream; the tokens file loses one of them and is reloaded (what SIGHUP
+    does): that caller's open Generate and Embed streams end UNAUTHENTICATED, the other's
+    stream goes on, and the removed token is refused for new calls."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:tok-alice-1\nbob:tok-bob-2\n")
+    config = dataclasses.replace(
+        server_config(max_wait_ms=1), auth_tokens_file=str(tokens)
+    )
+    async with running_server(model, config) as running:
+        alice = [("authorization", "Bearer tok-alice-1")]
+        bob = [("authorization", "Bearer tok-bob-2")]
+        request = pb.GenerateRequest(
+            protein=pb.ESMProtein(sequence="M" + "_" * 200),
+            config=pb.GenerationConfig(num_steps=200),
+        )
+        alice_generate = running.stub.Generate(request, timeout=120, metadata=alice)
+        bob_generate = running.stub.Generate(request, timeout=120, metadata=bob)
+        embed_requests: asyncio.Queue = asyncio.Queue()
+
+        async def embeds():
+            while (item := await embed_requests.get()) is not None:
+                yield item
+
+        alice_embed = running.stub.Embed(embeds(), timeout=120, metadata=alice)
+        await embed_requests.put(pb.EmbedRequest(id="a", protein=pb.ESMProtein(sequence="MKT")))
+        assert (await alice_embed.read()).id == "a"
+        await alice_generate.read()
+        await bob_generate.read()
+        assert len(running.server.security.streams) == 3
+
+        tokens.write_text("bob:tok-bob-2\n")
+        running.server.security.reload()
+
+        for call in (alice_generate, alice_embed):
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while True:
+                    if await call.read() is grpc.aio.EOF:
+                        break
+            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "removed" in ended.value.details()
+        assert (await bob_generate.read()).step >= 1  # the other caller goes on
+        bob_generate.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await running.stub.Info(pb.InfoRequest(), timeout=10, metadata=alice)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await embed_requests.put(None)

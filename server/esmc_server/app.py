@@ -30,7 +30,7 @@ from esmc_server import tracing
 from esmc_server.config import ServerConfig
 from esmc_server.connections import quiet_descriptor_errors
 from esmc_server.metrics import Metrics
-from esmc_server.security import Security, connection_options, start_health_server
+from esmc_server.security import OpenStreams, Security, connection_options, start_health_server
 from esmc_server.servicer import SERVICE_NAME, ESMCServicer
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,13 @@ def _serialize(message) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def add_servicer(servicer: ESMCServicer, grpc_server: grpc.aio.Server) -> None:
-    """Register every ``esmc.v1.ESMC`` method as the generated code does, with one change:
+def add_servicer(
+    servicer: ESMCServicer, grpc_server: grpc.aio.Server, streams: OpenStreams | None = None
+) -> None:
+    """Register every ``esmc.v1.ESMC`` method as the generated code does, with two changes:
     a handler may return (or write) an already serialized message as ``bytes``, so that large
-    responses are serialized in the servicer's thread pool instead of on the event loop."""
+    responses are serialized in the servicer's thread pool instead of on the event loop; and
+    streaming methods are tracked in ``streams`` (ended when their token is removed)."""
     service = pb.DESCRIPTOR.services_by_name["ESMC"]
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -81,9 +84,14 @@ def add_servicer(servicer: ESMCServicer, grpc_server: grpc.aio.Server) -> None:
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
+    def behaviour(method):
+        handler = getattr(servicer, method.name)
+        streaming = method.client_streaming or method.server_streaming
+        return streams.wrap(handler) if streams is not None and streaming else handler
+
     handlers = {
         method.name: kinds[method.client_streaming, method.server_streaming](
-            getattr(servicer, method.name),
+            behaviour(method),
             request_deserializer=getattr(pb, method.input_type.name).FromString,
             response_serializer=_serialize,
         )
@@ -234,7 +242,7 @@ async def create_server(
     server.security = security
     server.tracer_provider = owned_provider
     await server.set_serving(False)
-    add_servicer(servicer, grpc_server)
+    add_servicer(servicer, grpc_server, security.streams)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), grpc_server

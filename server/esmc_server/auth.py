@@ -110,6 +110,11 @@ class TokenStore:
         else:
             log.info("auth tokens reloaded from %s: %d token(s)", self.path, count)
 
+    def names(self) -> set[str]:
+        """The callers' names the tokens give (to see which a reload removed)."""
+        with self._lock:
+            return {name for _, name in self._digests}
+
     def name_of(self, token: str | None) -> str | None:
         """The name of ``token`` when it is one of the tokens (else None); constant time in
         the token's content."""

@@ -18,9 +18,12 @@ probes that cannot speak TLS (Kubernetes' native gRPC probes).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,6 +31,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from esmc_server.auth import AuthInterceptor, TokenStore
+from esmc_server.calls import CURRENT_CALLER
 from esmc_server.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -139,6 +143,7 @@ class Security:
             if config.tls_cert
             else None
         )
+        self.streams = OpenStreams()  # ended when a reload removes their caller's token
         self.interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.tokens is not None:
             self.interceptors.append(
@@ -168,7 +173,11 @@ class Security:
     def reload(self) -> None:
         """SIGHUP: re-read the tokens and TLS files; log what happened (never a token)."""
         if self.tokens is not None:
+            before = self.tokens.names()
             self.tokens.reload_logged()
+            removed = before - self.tokens.names()
+            if removed:
+                self.streams.revoke(removed)
         if self.tls is not None:
             try:
                 self.tls.reload()
@@ -176,6 +185,72 @@ class Security:
                 log.error("TLS files not reloaded, the previous ones stay in force: %s", e)
             else:
                 log.info("TLS files reloaded; new connections use them")
+
+
+REVOKED_MESSAGE = (
+    "the token of this call was removed from the server's tokens file; open streams of a "
+    "removed token end; send a token the server accepts"
+)
+
+
+class OpenStreams:
+    """Streaming calls in progress, by caller name: :meth:`revoke` ends those of removed
+    tokens (status UNAUTHENTICATED), so a token taken out of the file by a SIGHUP reload
+    stops working for calls already open too. Event-loop only."""
+
+    def __init__(self):
+        self._open: dict[str, set[asyncio.Task]] = {}
+        self._revoked: set[asyncio.Task] = set()
+
+    def __len__(self) -> int:
+        return sum(len(tasks) for tasks in self._open.values())
+
+    @contextlib.contextmanager
+    def track(self, name: str | None) -> Iterator[None]:
+        task = asyncio.current_task()
+        if name is None or task is None:
+            yield
+            return
+        self._open.setdefault(name, set()).add(task)
+        try:
+            yield
+        finally:
+            tasks = self._open.get(name, set())
+            tasks.discard(task)
+            if not tasks:
+                self._open.pop(name, None)
+            self._revoked.discard(task)
+
+    def revoke(self, names: set[str]) -> None:
+        ended = 0
+        for name in names:
+            for task in self._open.get(name, ()):
+                self._revoked.add(task)
+                task.cancel()
+                ended += 1
+        if ended:
+            log.info("tokens removed by the reload: %d open stream(s) ended", ended)
+
+    def revoked(self, task: asyncio.Task | None) -> bool:
+        return task in self._revoked
+
+    def wrap(self, handler):
+        """``handler(request_or_iterator, context)`` tracked under the call's caller; a
+        revoked call ends with UNAUTHENTICATED."""
+
+        async def tracked(request, context):
+            caller = CURRENT_CALLER.get()
+            task = asyncio.current_task()
+            with self.track(caller.name if caller is not None else None):
+                try:
+                    return await handler(request, context)
+                except asyncio.CancelledError:
+                    if not self.revoked(task):
+                        raise
+                    task.uncancel()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED_MESSAGE)
+
+        return tracked
 
 
 async def start_health_server(
