@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 import pytest
 import torch
+from helpers.inprocess import running_server, server_config
+from helpers.models import seeded_model
 
 from esmc import scoring
+from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_server import scoring as server_scoring
 from esmc.scoring import VariantError, parse_variant, plan_scores
 
 pytestmark = pytest.mark.unit
@@ -80,3 +85,32 @@ def test_many_copies_of_one_mutant_are_applied_once_in_pseudo_likelihood_plans()
     ] == 2
     reads = [torch.zeros(len(c.reads), 64) for c in plan.copies]
     assert traced(plan.reduce, reads)["apply"] == 2
+
+
+@pytest.mark.e2e
+async def test_a_large_score_variants_request_is_planned_off_the_event_loop(monkeypatch):
+    """Where the work runs, not how long it takes: a request of many variants is parsed and
+    planned on a thread other than the event loop's; a small one stays on the loop."""
+    threads: list[str] = []
+    plan = server_scoring.score_plan
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return plan(*args)
+
+    monkeypatch.setattr(server_scoring, "score_plan", recording)
+    sequence = wild_type(300)
+    many = [f"{sequence[i]}{i + 1}{a}" for i in range(300) for a in "AC" if a != sequence[i]]
+    model = seeded_model(d_model=64, n_heads=1, n_layers=2, seed=5)
+    async with running_server(model, server_config(max_wait_ms=1)) as running:
+        for variants in (many * 8, many[:3]):
+            reply = await running.stub.ScoreVariants(
+                pb.ScoreVariantsRequest(
+                    wild_type=pb.ESMProtein(sequence=sequence), variants=variants,
+                    method=pb.WT_MARGINALS,
+                ),
+                timeout=120,
+            )
+            assert reply.scores.shape == [len(variants)]
+    loop = threading.current_thread().name
+    assert threads[0] != loop and threads[1] == loop, threads

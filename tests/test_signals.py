@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
 
 import grpc
@@ -16,6 +17,7 @@ from helpers.inprocess import running_server, server_config
 from helpers.models import seeded_model
 
 from esmc_proto.v1 import esmc_pb2 as pb
+from esmc_server import logs
 
 pytestmark = pytest.mark.e2e
 
@@ -118,3 +120,52 @@ async def test_a_token_removed_by_a_reload_ends_its_open_streams(model, tmp_path
             await running.stub.Info(pb.InfoRequest(), timeout=10, metadata=alice)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         await embed_requests.put(None)
+
+
+SECRET = "MKWVTFISLLFLFSSAYSRGVFRRDTHKSEIAHRFKDLGE"
+
+
+@pytest.mark.unit
+def test_unexpected_exceptions_are_logged_without_their_message():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(logs.WithholdContent())
+    logger = logging.getLogger("esmc_server.test_withheld")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise KeyError(f"no row for {SECRET}")
+        except KeyError:
+            logger.exception("Logits failed (reference abc)")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "Logits failed (reference abc)" in text and "builtins.KeyError" in text
+    assert "test_signals.py" in text and logs.WITHHELD in text
+    assert SECRET not in text
+
+
+async def test_refused_requests_log_no_sequence_at_info(model, caplog):
+    """Bad requests of every kind quote the sequence back to the caller, never in the log
+    (at the default level)."""
+    caplog.set_level(logging.INFO)
+    async with running_server(model, server_config(max_wait_ms=1)) as running:
+        stub = running.stub
+        bad = [
+            stub.Logits(pb.LogitsRequest(protein=pb.ESMProtein(sequence=SECRET + "9")), timeout=30),
+            stub.ScoreVariants(pb.ScoreVariantsRequest(
+                wild_type=pb.ESMProtein(sequence=SECRET), variants=[f"Q1A:{SECRET}"]), timeout=30),
+            stub.Encode(pb.EncodeRequest(protein=pb.ESMProtein(sequence=SECRET * 1000)), timeout=30),
+        ]
+        for call in bad:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call
+        replies = [r async for r in stub.Embed(_two(SECRET), timeout=30)]
+        assert any(r.HasField("error") for r in replies)
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert SECRET not in text
+
+
+async def _two(sequence: str):
+    for _ in range(2):
+        yield pb.EmbedRequest(id=sequence, protein=pb.ESMProtein(sequence=sequence + "1"))

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from esmc.runtime import keep_freed_memory
+from esmc_server import logs
 from esmc_server.app import create_server
 from esmc_server.config import DEVICES, DTYPES, BatchingConfig, ServerConfig
 
@@ -120,6 +121,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="let other processes bind the same port (off: a taken port is an error)",
     )
     p.add_argument("--log-level", default="INFO", help="default INFO")
+    p.add_argument(
+        "--log-request-content",
+        action="store_const",
+        const=True,
+        help="log unexpected exceptions with their messages, which may quote request content "
+        "such as sequences (default off: type and traceback only)",
+    )
     _add_shared_service_flags(p)
     _add_limit_flags(p)
     _annotate_defaults(p)
@@ -333,9 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, request_content=bool(args.log_request_content))
     try:
         config = config_from_args(args)
     except ValueError as e:

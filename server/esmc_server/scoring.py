@@ -173,6 +173,17 @@ async def _run(engine, plan, batching, deadline):
         raise _first_error(group) from None
 
 
+PLAN_ON_LOOP_ITEMS = 2048
+"""Variants plus residues a plan may have and still be built on the event loop (a few ms);
+larger plans are built in a thread so that they never hold the loop."""
+
+
+async def _off_loop_if_large(items: int, build, *args):
+    if items <= PLAN_ON_LOOP_ITEMS:
+        return build(*args)
+    return await asyncio.to_thread(build, *args)
+
+
 # -- responses -----------------------------------------------------------------------------
 
 
@@ -212,7 +223,10 @@ class ScoringMethods:
     async def ScoreVariants(self, request: pb.ScoreVariantsRequest, context):
         async def handler():
             ready = self._ready
-            plan = score_plan(request, self._max_tokens, self._config.max_score_forwards)
+            plan = await _off_loop_if_large(
+                len(request.variants) + len(request.wild_type.sequence),
+                score_plan, request, self._max_tokens, self._config.max_score_forwards,
+            )
             result, served = await _run(
                 ready.engine, plan, self._config.batching, convert.deadline_of(context)
             )
@@ -228,7 +242,10 @@ class ScoringMethods:
 
     async def _pll_one(self, request, deadline) -> pb.PseudoLogLikelihoodResponse:
         ready = self._ready
-        plan = pll_plan(request, self._max_tokens, self._config.max_score_forwards)
+        plan = await _off_loop_if_large(
+            len(request.protein.sequence),
+            pll_plan, request, self._max_tokens, self._config.max_score_forwards,
+        )
         result, served = await _run(ready.engine, plan, self._config.batching, deadline)
         return pll_response(request.id, plan, result, served)
 
