@@ -179,7 +179,8 @@ class TransformerStack(nn.Module):
 
 
 class BlockRunner(Protocol):
-    """Runs one block in place of ``block(x, layout, rotary)``: :class:`esmc.compiled.CompiledBlocks`."""
+    """Runs one block in place of ``block(x, layout, rotary)``: a compiled block stack
+    (:class:`esmc.compiled.CompiledBlocks`)."""
 
     def __call__(
         self, block: Block, x: torch.Tensor, layout: SequenceLayout, rotary: Rotary
@@ -190,7 +191,8 @@ class ESMCNetwork(nn.Module):
     """ESM Cambrian's network. ``state_dict()`` matches the reference's legacy layout key for key.
 
     ``compiled_blocks``: when set (by :func:`esmc.compiled.compile_blocks`), every block runs
-    through it instead of eagerly. ``rotary_cache``: the rotary tables (not in the state dict).
+    through it instead of eagerly. ``quantization``: what :mod:`esmc.quantize` did to the
+    weights (None: nothing). ``rotary_cache``: the rotary tables (not in the state dict).
     """
 
     def __init__(self, config: ESMCConfig):
@@ -204,6 +206,7 @@ class ESMCNetwork(nn.Module):
         )
         self.rotary_cache = RotaryCache(config.d_head)
         self.compiled_blocks: BlockRunner | None = None
+        self.quantization: str | None = None
 
     @property
     def device(self) -> torch.device:

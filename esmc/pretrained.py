@@ -102,7 +102,7 @@ class ESMC(ESMCNetwork):
     # -- the esm SDK's methods ------------------------------------------------------------------
 
     def encode(self, input: Any) -> Any:
-        """``ESMProtein`` -> ``ESMProteinTensor`` of ``<cls> ids... <eos>`` on the model's device."""
+        """``ESMProtein`` -> ``ESMProteinTensor`` (``<cls> ids... <eos>``) on the model's device."""
         family = family_of(input)
         if input.sequence is None:
             return family.ESMProteinTensor()

@@ -97,8 +97,9 @@ class Int8Linear(nn.Module):
 def quantize_int8(model: nn.Module, activation_bits: int | None = None) -> nn.Module:
     """Replace ``model``'s block projections by :class:`Int8Linear`, in place; returns it.
 
-    ``model``: an :class:`esmc.model.ESMCNetwork` (or :class:`esmc.ESMC`) in float32 on the CPU. ``activation_bits``: 8 or 7;
-    ``None`` picks by the CPU (:func:`activation_bits_for`) and logs a warning where the CPU
+    ``model``: an :class:`esmc.model.ESMCNetwork` (or :class:`esmc.ESMC`) in float32 on the
+    CPU; its ``quantization`` names what was done. ``activation_bits``: 8 or 7; ``None`` picks
+    by the CPU (:func:`activation_bits_for`) and logs a warning where the CPU
     has neither VNNI nor AMX.
     """
     if model.device.type != "cpu" or model.dtype != torch.float32:
@@ -118,10 +119,10 @@ def quantize_int8(model: nn.Module, activation_bits: int | None = None) -> nn.Mo
         attn.out_proj = Int8Linear(attn.out_proj, activation_bits)
         ffn[1] = Int8Linear(ffn[1], activation_bits)
         ffn[3] = Int8Linear(ffn[3], activation_bits)
-    model.__dict__["quantization"] = f"int8 (activations {activation_bits}-bit per token)"
+    model.quantization = f"int8 (activations {activation_bits}-bit per token)"
     return model
 
 
 def is_int8(model: nn.Module) -> bool:
     """Whether :func:`quantize_int8` has run on ``model``."""
-    return "quantization" in model.__dict__
+    return getattr(model, "quantization", None) is not None
