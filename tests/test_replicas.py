@@ -1,8 +1,8 @@
 """Three real ``esmc serve`` replicas behind one round-robin client; one dies by SIGKILL.
 
-Unary ``Logits`` calls, a bulk ``embed`` of 1,000 proteome proteins and seeded generations
-run at once; when every generation has delivered a few steps and the embed is under way, the
-replica that holds a generation is killed. Every call and every protein must still succeed,
+Unary ``Logits`` calls and a bulk ``embed`` of 1,000 proteome proteins run; once they reach
+every replica, seeded generations start too, and when every generation has delivered a few
+steps, a replica that holds generations far from their end is killed. Every call and every protein must still succeed,
 exactly once, with the values of a single-server run, and the generations must deliver the
 same proteins with an unbroken stream of steps (the client resends the seeded request to a
 surviving replica and skips the steps already delivered). Each replica's metrics show that it
@@ -39,6 +39,7 @@ MAX_RESIDUES = 2000  # the first 1,000 proteome proteins up to this length (in f
 N_LOGITS = 24
 SEEDS = (11, 12, 13, 14)
 STEPS = 48
+MARGIN = 16  # steps each generation of the victim still has to compute at the kill
 RTOL, ATOL = 1e-5, 1e-5  # packed batches of different company (float32)
 LOGITS = LogitsConfig(sequence=True, return_mean_embedding=True)
 
@@ -182,14 +183,18 @@ def run_and_kill(client: ESMCClient, replicas: list[ServeProcess], proteins, cap
         out["generate"][k] = steps
 
     threads = [threading.Thread(target=embed), threading.Thread(target=unary)]
-    threads += [
+    for thread in threads:
+        thread.start()
+    wait_for_load(replicas)
+    # The generations start only now, so that none can be near its end when the kill comes.
+    generators = [
         threading.Thread(target=generate, args=(k, p, s))
         for k, (p, s) in enumerate(zip(prompts(proteins), SEEDS))
     ]
-    for thread in threads:
+    for thread in generators:
         thread.start()
     out.update(kill_one(replicas, steps_seen))
-    for thread in threads:
+    for thread in threads + generators:
         thread.join(240)
         assert not thread.is_alive()
     out["seconds"] = time.monotonic() - start
@@ -197,24 +202,50 @@ def run_and_kill(client: ESMCClient, replicas: list[ServeProcess], proteins, cap
     return out
 
 
-def kill_one(replicas: list[ServeProcess], steps_seen: list[int]) -> dict:
-    """Once every generation streams, some proteins are embedded and every replica answered a
-    unary call, SIGKILL the replica that holds the most generations."""
+def wait_for_load(replicas: list[ServeProcess]) -> None:
+    """Until some proteins are embedded and every replica answered a unary call."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         scrapes = [r.metrics() for r in replicas]
         embedded = sum(metric(s, "esmc_requests_total", method="Embed") for s in scrapes)
-        active = [metric(s, "esmc_active_generations") for s in scrapes]
         unary = [metric(s, "esmc_requests_total", method="Logits") for s in scrapes]
-        if min(steps_seen) >= 3 and embedded >= 100 and min(unary) >= 1 and max(active) >= 1:
-            victim = int(np.argmax(active))
-            replicas[victim].kill()
-            return {
-                "victim": victim,
-                "victim_generations": int(active[victim]),
-                "before_kill": scrapes[victim],
-                "embedded_at_kill": int(embedded),
-            }
+        if embedded >= 100 and min(unary) >= 1:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the embed and the unary calls did not reach every replica")
+
+
+def kill_one(replicas: list[ServeProcess], steps_seen: list[int]) -> dict:
+    """Once every generation streams, SIGKILL a replica that holds generations far from
+    their end.
+
+    The kill must break every generation the victim is counted to hold. Its active-generations
+    gauge also counts a generation that has computed its last step until the engine's next
+    pass (its final message may already be with the client), and a generation near its end
+    can finish between the scrape and the kill: either way it completes normally and is not
+    resent. So the victim is chosen only while the steps it has computed in all (its
+    generation-steps counter) leave each of its generations ``MARGIN`` steps short of the end:
+    none of them can be finished, or finish in the instant before the kill."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if min(steps_seen) >= 3:
+            scrapes = [r.metrics() for r in replicas]
+            held = [
+                (metric(s, "esmc_active_generations"), i)
+                for i, s in enumerate(scrapes)
+                if metric(s, "esmc_generation_steps_total") <= STEPS - MARGIN
+            ]
+            active, victim = max(held, default=(0, None))
+            if active >= 1:
+                replicas[victim].kill()
+                return {
+                    "victim": victim,
+                    "victim_generations": int(active),
+                    "before_kill": scrapes[victim],
+                    "embedded_at_kill": int(
+                        sum(metric(s, "esmc_requests_total", method="Embed") for s in scrapes)
+                    ),
+                }
         time.sleep(0.02)
     raise AssertionError(f"no moment to kill: steps {steps_seen}")
 
