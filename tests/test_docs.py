@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_serve import ServeProcess
-from helpers_server import free_port
+from helpers.processes import ServeProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -2,11 +2,11 @@
 
 Unary ``Logits`` calls and a bulk ``embed`` of 1,000 proteome proteins run; once they reach
 every replica, seeded generations start too, and when every generation has delivered a few
-steps, a replica that holds generations far from their end is killed. Every call and every protein must still succeed,
-exactly once, with the values of a single-server run, and the generations must deliver the
-same proteins with an unbroken stream of steps (the client resends the seeded request to a
-surviving replica and skips the steps already delivered). Each replica's metrics show that it
-served a share of the load.
+steps, a replica that holds generations far from their end is killed. Every call and every
+protein must still succeed, exactly once, with the values of a single-server run, and the
+generations must deliver the same proteins with an unbroken stream of steps (the client
+resends the seeded request to a surviving replica and skips the steps already delivered).
+Each replica's metrics show that it served a share of the load.
 
 The replicas age their connections out every few seconds (``max_connection_age``), so calls
 also cross GOAWAYs; afterwards the killed replica is started again on its port and the same
