@@ -147,7 +147,8 @@ def test_run_block(block, server, scratch):
     directory = scratch(block.page)
     script = directory / f"block_{block.line}.{'py' if block.python else 'sh'}"
     script.write_text(block.code)
-    command = [sys.executable, str(script)] if block.python else ["bash", "-eo", "pipefail", str(script)]
+    shell = ["bash", "-eo", "pipefail"]
+    command = [sys.executable, str(script)] if block.python else [*shell, str(script)]
     result = subprocess.run(
         command, cwd=directory, env=block_env(process, http_port), capture_output=True,
         text=True, timeout=BLOCK_TIMEOUT_S,

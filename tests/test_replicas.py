@@ -203,16 +203,17 @@ def run_and_kill(client: ESMCClient, replicas: list[ServeProcess], proteins, cap
 
 
 def wait_for_load(replicas: list[ServeProcess]) -> None:
-    """Until some proteins are embedded and every replica answered a unary call."""
+    """Until some proteins are embedded and every replica answered an Embed and a Logits call
+    (so that whichever replica is killed later has served a share)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         scrapes = [r.metrics() for r in replicas]
-        embedded = sum(metric(s, "esmc_requests_total", method="Embed") for s in scrapes)
+        embeds = [metric(s, "esmc_requests_total", method="Embed") for s in scrapes]
         unary = [metric(s, "esmc_requests_total", method="Logits") for s in scrapes]
-        if embedded >= 100 and min(unary) >= 1:
+        if sum(embeds) >= 100 and min(embeds) >= 1 and min(unary) >= 1:
             return
         time.sleep(0.02)
-    raise AssertionError("the embed and the unary calls did not reach every replica")
+    raise AssertionError(f"the load did not reach every replica: Embed {embeds}, Logits {unary}")
 
 
 def kill_one(replicas: list[ServeProcess], steps_seen: list[int]) -> dict:
