@@ -1,4 +1,5 @@
-"""Forward throughput of one model fed four ways (the rows of ``../shared/docs/ANCHORS.md``).
+"""Forward throughput of one model fed four ways (one per forward, padded in arrival order,
+length-sorted padded, packed).
 
     python -m benchmarks.bench_forward --config esmc-300m --fasta ../shared/data/proteome.fasta \
         --limit 50 --device auto --json out.json

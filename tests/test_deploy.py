@@ -5,7 +5,7 @@ Manifests: every document validates against the Kubernetes OpenAPI schemas bundl
 with the server (the container's arguments parse as ``esmc serve`` flags, probes hit the
 health port, the drain fits the termination grace period, selectors match the pods).
 Dockerfiles: pinned base images, every file they copy exists and is not docker-ignored, and
-every ``pip install`` they run is one the README documents.
+every ``pip install`` they run is one the README or docs/ documents.
 """
 
 from __future__ import annotations
@@ -171,8 +171,10 @@ def build_args(instructions) -> dict[str, str]:
 
 
 def readme_commands() -> set[str]:
-    """Every command of the README's bash blocks (split at ``&&``, comments dropped)."""
-    text = (ROOT / "README.md").read_text()
+    """Every command of the bash blocks of the README and docs/*.md (split at ``&&``,
+    comments dropped)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages)
     commands = set()
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
@@ -218,7 +220,7 @@ def test_dockerfile_is_pinned_copies_what_exists_and_installs_what_the_readme_sa
     needed += re.findall(r'"(?:esmc|esmc_server|esmc_client)" = "([^"]+)"', pyproject)
     for relative in needed:
         assert (ROOT / relative).exists() and not dockerignored(relative), relative
-    # every pip install is one the README documents; torch is the README's version
+    # every pip install is one the docs show; torch is the README's version
     commands = readme_commands()
     installs = []
     for instruction, rest in instructions:
