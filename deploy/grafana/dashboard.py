@@ -134,6 +134,15 @@ PANELS = [
     panel("Uptime", "Time since the process started (restarts: alert EsmcRestarting).", [
         target(f"time() - process_start_time_seconds{{{SEL}}}", "{{instance}}"),
     ], unit="s", width=8),
+    panel("Unread response bytes", "Response bytes reserved and not yet written to clients, all "
+          "calls and streams (bounded by max_unread_response_bytes: at the bound new work is "
+          "pushed back).", [
+              target(f"esmc_unread_response_bytes{{{SEL}}}", "{{instance}}"),
+          ], unit="bytes", width=12),
+    panel("Stream ids", "Ids remembered by open keyed streams (Embed, PLL; bounded by "
+          "max_stream_ids).", [
+              target(f"esmc_stream_ids{{{SEL}}}", "{{instance}}"),
+          ], width=12),
 ]
 
 
