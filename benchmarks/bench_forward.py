@@ -10,7 +10,9 @@ Ways of feeding the same model function, all asking for logits only (no hidden s
 - ``padded``: batches of ``--batch-size`` in arrival order, padded (the reference path);
 - ``sorted``: length-sorted batches of at most ``--max-batch-tokens`` padded tokens;
 - ``packed``: sequences end to end, at most ``--max-batch-tokens`` tokens per forward
-  (``ESMC.forward_packed``: varlen flash attention on CUDA, per-sequence SDPA on the CPU).
+  (``ESMC.forward_packed``: varlen flash attention on CUDA, per-sequence SDPA on the CPU);
+- ``compiled`` (only when asked): ``packed`` with the block stack compiled
+  (:func:`esmc.compiled.compile_blocks`; compiling and its warm-up are not timed).
 
 Weights are random (normal, std 0.02): the cost of a forward does not depend on them. On CUDA
 they are cast to bf16 and run under bf16 autocast, as the reference runs on a GPU.
@@ -27,6 +29,7 @@ the largest over its proteins of ``max |packed - padded| / max |padded|`` on the
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +44,8 @@ from esmc.inference import autocast_for
 from esmc import ESMC, ESMCOutput
 from esmc.tokenizer import encode
 
-WAYS = ("one", "padded", "sorted", "packed")
+WAYS = ("one", "padded", "sorted", "packed", "compiled")
+DEFAULT_WAYS = ("one", "padded", "sorted", "packed")
 INIT_STD = 0.02
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,7 +157,8 @@ def describe(way: str, args: argparse.Namespace, device: torch.device) -> str:
     if way == "sorted":
         return f"length-sorted batches of <= {budget} padded tokens"
     attention = "varlen flash attention" if device.type == "cuda" else "per-sequence SDPA"
-    return f"packed end to end, <= {budget} tokens per forward, {attention}, eager"
+    how = "`torch.compile` of the block stack" if way == "compiled" else "eager"
+    return f"packed end to end, <= {budget} tokens per forward, {attention}, {how}"
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -174,6 +179,17 @@ def measure(
     run(batches[:1])  # warm-up
     seconds = common.timed(lambda: run(batches), device)
     return seconds, common.peak_memory_gib(device)
+
+
+def way_model(model: ESMC, way: str) -> ESMC:
+    """``model``, or for ``compiled`` a shallow copy sharing its weights, compiled and warmed up."""
+    if way != "compiled":
+        return model
+    import copy
+
+    from esmc.compiled import compile_blocks
+
+    return compile_blocks(copy.copy(model), warmup=("packed",))
 
 
 def packed_vs_padded_error(model: ESMC, tokens: Sequence[torch.Tensor]) -> float:
@@ -225,7 +241,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-batch-tokens", type=int, default=32768)
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per padded batch")
-    parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated subset of {WAYS}")
+    parser.add_argument(
+        "--ways", default=",".join(DEFAULT_WAYS), help=f"comma-separated subset of {WAYS}"
+    )
     parser.add_argument(
         "--long", default="crop", choices=common.LONG_POLICIES,
         help="sequences over the model's limit: crop them (default) or skip them",
@@ -263,6 +281,7 @@ def table_lines(config_name: str, rows: list[dict]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    load_at_start = os.getloadavg()
     keep_freed_memory()
     device = common.resolve_device(args.device)
     dtype = weights_dtype(args.dtype, device)
@@ -278,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = []
     for way in args.ways:
         batches, forward = plan(way, lengths, args)
-        seconds, peak = measure(model, tokens, batches, forward)
+        seconds, peak = measure(way_model(model, way), tokens, batches, forward)
         rows.append(result_row(
             way, description=describe(way, args, device), batches=batches, lengths=lengths,
             seconds=seconds, flops=estimate_flops(model, lengths), peak=peak,
@@ -297,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"packed vs padded logits, first batch of {min(args.batch_size, len(tokens))}: "
         f"max relative error {error:.2e}",
         "TFLOP/s: (2 * non-embedding params * tokens + 4 * L^2 * d * layers per sequence) / s",
+        common.load_note(load_at_start),
         "",
     ]
     payload = {

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import dataclasses
 import statistics
 import tempfile
@@ -139,7 +140,10 @@ def run_mode(
             run_clients(served, workload.records, args.clients, OUTPUTS[args.output],
                         client_options)
         )
-    return result_row(mode, info, calls, seconds, counters), info, workload
+    row = result_row(mode, info, calls, seconds, counters)
+    if (dtype or args.dtype) == "int8":  # Info names the float32 the model computes around it
+        row["dtype"] = "int8"
+    return row, info, workload
 
 
 def secured(directory: Path) -> tuple[list[str], dict, object]:
@@ -291,14 +295,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
     parser.add_argument(
         "--dtypes", default=None,
-        help="comma-separated server dtypes (e.g. float32,bfloat16): every mode is run once per "
-        "dtype in the same run, one row each (default: --dtype alone)",
+        help="comma-separated server dtypes (e.g. float32,int8): every mode is run once per "
+        "dtype in the same run, one row each, interleaved with --rounds (default: --dtype alone)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="run the modes N times, interleaved")
     args = parser.parse_args(argv)
     args.modes = common.parse_modes(parser, args.modes, MODES)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.dtypes else []
-    unknown = set(args.dtypes) - {"float32", "bfloat16", "float16", "auto"}
+    unknown = set(args.dtypes) - {"float32", "bfloat16", "float16", "int8", "auto"}
     if unknown:
         parser.error(f"--dtypes: unknown {sorted(unknown)}")
     if args.clients < 1:
@@ -308,6 +312,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    load_at_start = os.getloadavg()
     records = common.load_proteins(args.fasta, args.limit)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
@@ -339,9 +344,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "policy": args.long, "max_residues": info.max_length - 2, "affected": workload.changed,
         },
         "rows": rows,
+        "load": common.load_note(load_at_start),
     }
-    common.emit(header_lines(args, info, weights_note, workload) + table_lines(rows), payload,
-                args.json)
+    header = header_lines(args, info, weights_note, workload)
+    header.insert(-1, payload["load"])
+    common.emit(header + table_lines(rows), payload, args.json)
     return payload
 
 
