@@ -18,7 +18,7 @@ import torch
 
 from esmc import tokenizer
 from esmc.batch import TokenBatch, masked_mean
-from esmc.checkpoints.load import load_pretrained
+from esmc.checkpoints.load import load_checkpoint
 from esmc.generation import GenerationState, batch_generate, forward_and_sample
 from esmc.inference import autocast_for, hidden_layer_indices
 from esmc.model import ESMCNetwork
@@ -55,9 +55,9 @@ class ESMC(ESMCNetwork):
         """Load weights by registry name (official names such as ``esmc_300m`` too), Hugging
         Face repo id, or local file/directory.
 
-        See :func:`esmc.checkpoints.load.load_pretrained` for the arguments and layouts.
+        See :func:`esmc.checkpoints.load.load_checkpoint` for the arguments and layouts.
         """
-        return load_pretrained(name_or_path, device, model_class=cls, **kwargs)
+        return load_checkpoint(cls, name_or_path, device, **kwargs)
 
     @property
     def raw_model(self) -> ESMC:

@@ -9,12 +9,14 @@ to :class:`esmc.ESMC`, the class users load, so ``load_pretrained`` gives what
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from esmc.checkpoints import WeightsError
 from esmc.checkpoints.layouts import RULES, conversion_plan, detect_layout, legacy_name
-from esmc.checkpoints.load import default_device, default_dtype, load_local, save_safetensors
+from esmc.checkpoints import load
+from esmc.checkpoints.load import default_device, default_dtype, save_safetensors
 from esmc.checkpoints.locate import (
     HUB_CHECKPOINTS,
     SHIPPED_DIR,
@@ -54,5 +56,18 @@ def load_pretrained(
     revision: str | None = None,
     token: str | bool | None = None,
 ) -> ESMC:
-    """:meth:`ESMC.from_pretrained`: see :func:`esmc.checkpoints.load.load_pretrained`."""
-    return ESMC.from_pretrained(name_or_path, device, dtype=dtype, revision=revision, token=token)
+    """:meth:`ESMC.from_pretrained`: see :func:`esmc.checkpoints.load.load_checkpoint`."""
+    return load.load_checkpoint(ESMC, name_or_path, device, dtype, revision, token)
+
+
+def load_local(
+    path: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    name: str = "custom",
+    filename: str | None = None,
+) -> ESMC:
+    """An :class:`ESMC` from a local weight file or repo-like directory (no hub, no registry):
+    see :func:`esmc.checkpoints.load.load_local`."""
+    return load.load_local(ESMC, path, device=device, dtype=dtype, name=name, filename=filename)

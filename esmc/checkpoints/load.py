@@ -3,8 +3,8 @@ checked against the checkpoint, tensors read memory-mapped and converted one by 
 projections concatenated), then ``load_state_dict(strict=True, assign=True)``: a large model
 is never held twice.
 
-:func:`load_pretrained` is locate -> load for any name or path; it builds ``model_class``
-(:class:`esmc.ESMC` when called through :meth:`esmc.ESMC.from_pretrained`).
+:func:`load_checkpoint` is locate -> load for any name or path; it builds the class it is
+given (:class:`esmc.ESMC` from :meth:`esmc.ESMC.from_pretrained` and :mod:`esmc.weights`).
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ Network = TypeVar("Network", bound=ESMCNetwork)
 DEFAULT_HEAD_DIM = 64  # every published ESMC; used when shapes come from the tensors alone
 
 
-def load_pretrained(
+def load_checkpoint(
+    model_class: type[Network],
     name_or_path: str | os.PathLike = "esmc-tiny",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
-    *,
-    model_class: type[Network] = ESMCNetwork,
 ) -> Network:
-    """Load ESMC weights into a ``model_class`` in eval mode.
+    """Load ESMC weights into a new ``model_class`` (the network or a class built on it), in
+    eval mode.
 
     ``name_or_path``: ``esmc-tiny`` (shipped in the package), ``esmc-300m`` / ``esmc-600m`` /
     ``esmc-6b`` (Hugging Face hub; the official names in :data:`esmc.config.OFFICIAL_NAMES`,
@@ -55,16 +55,12 @@ def load_pretrained(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
     if dtype == torch.int8:
-        model = load_pretrained(
-            name_or_path, device, torch.float32, revision, token, model_class=model_class
-        )
+        model = load_checkpoint(model_class, name_or_path, device, torch.float32, revision, token)
         return quantize_int8(model)
     name = os.fspath(name_or_path)
     name = OFFICIAL_NAMES.get(name, name)
     path, filename = locate(name, revision=revision, token=token)
-    return load_local(
-        path, device=device, dtype=dtype, name=name, filename=filename, model_class=model_class
-    )
+    return load_local(model_class, path, device=device, dtype=dtype, name=name, filename=filename)
 
 
 def save_safetensors(model: ESMCNetwork, path: Path) -> None:
@@ -86,13 +82,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_local(
+    model_class: type[Network],
     path: Path,
     *,
     device: torch.device,
     dtype: torch.dtype,
     name: str = "custom",
     filename: str | None = None,
-    model_class: type[Network] = ESMCNetwork,
 ) -> Network:
     """Load a local weight file, or a directory laid out like a hub repo, into a ``model_class``.
 
