@@ -7,6 +7,7 @@ on port 0); they assert refusals, codes, counts and memory bounds, never timings
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from pathlib import Path
@@ -14,10 +15,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers.inprocess import running_server, server_config
+from helpers.models import seeded_model
 from helpers.processes import ServeProcess
 
 from esmc_proto.v1 import esmc_pb2 as pb
-from esmc_server.config import ServerConfig
+from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_server.config import ServerConfig, descriptor_limit
 
 pytestmark = pytest.mark.e2e
 
@@ -175,3 +179,28 @@ def _health_port_of(served: ServeProcess) -> int:
         if "health on port" in line:
             return int(line.rsplit("health on port", 1)[1].split()[0].strip(",)"))
     raise AssertionError("the server did not log its health port:\n" + served.log_text())
+
+
+async def test_grpc_connections_are_capped_below_the_descriptor_limit():
+    """gRPC's incoming-connection limit (max_connections per listener): connections past
+    it are refused, calls on them fail UNAVAILABLE, the connections within it keep working."""
+    model = seeded_model(d_model=64, n_heads=1, n_layers=2, seed=6)
+    config = dataclasses.replace(server_config(), max_connections=2, metrics_port=None)
+    assert ServerConfig().connection_limit == max(16, descriptor_limit() // 4)
+    async with running_server(model, config) as running:
+        target = f"127.0.0.1:{running.port}"
+        options = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
+        channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(3)]
+        try:
+            codes = []
+            for channel in channels:
+                try:
+                    await pb_grpc.ESMCStub(channel).Info(pb.InfoRequest(), timeout=5)
+                    codes.append("OK")
+                except grpc.aio.AioRpcError as e:
+                    codes.append(e.code().name)
+            assert codes[:2] == ["OK", "OK"] and codes[2] == "UNAVAILABLE", codes
+            await pb_grpc.ESMCStub(channels[0]).Info(pb.InfoRequest(), timeout=5)
+        finally:
+            for channel in channels:
+                await channel.close()
