@@ -13,17 +13,54 @@ Also here: what soak runs found, each as its own test.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import subprocess
+import sys
 
 import grpc
 import numpy as np
 import pytest
+from helpers.data import ROOT, proteome_path
 from helpers.inprocess import running_server, server_config
 from helpers.models import random_sequence, seeded_model
 
 from esmc_client.channel import channel_options
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_short_soak_keeps_the_invariants(tmp_path):
+    fasta = proteome_path()
+    command = [
+        sys.executable, "-m", "benchmarks.soak", "--duration", "60", "--replicas", "2",
+        "--clients", "6", "--fasta", str(fasta), "--out", str(tmp_path),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=840)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    summary = json.loads((tmp_path / "soak.json").read_text())
+    print(done.stdout)
+
+    goals, invariants, codes = summary["goals"], summary["invariants"], summary["codes"]
+    assert goals["internal_or_unknown"] == 0, codes["internal_or_unknown_calls"]
+    assert invariants["bulk_ids_lost"] == 0 and invariants["bulk_ids_duplicated"] == 0
+    assert invariants["generations_differing"] == 0, invariants["differences"]
+    assert invariants["bulk_embeddings_differing"] == 0, invariants
+    # the run did what it says: bulk embeds and generations completed, mischief sent,
+    # every fault of the schedule injected and its action completed
+    assert invariants["bulk_runs"] >= 1 and invariants["generations"] >= 1
+    assert codes["mischief_calls"] >= 1
+    # the schedule's faults in order (those due before the end), each carried out
+    planned = [(f["fault"], f["replica"]) for f in summary["planned_faults"]]
+    injected = [(f["fault"], f["replica"]) for f in summary["faults"]
+                if f["fault"] != "unexpected exit"]
+    assert injected and injected == planned[: len(injected)], (injected, planned)
+    assert all(f["action_done_s"] is not None for f in summary["faults"]), summary["faults"]
+    assert (tmp_path / "soak.png").stat().st_size > 10_000
+    # replica 0 was never taken down: one process for the whole run
+    assert [p["how_it_ended"] for p in summary["processes"] if p["replica"] == 0] == ["end of run"]
 
 
 @pytest.mark.e2e
