@@ -96,3 +96,48 @@ async def test_a_client_gone_mid_stream_is_cancelled_not_internal(caplog):
     assert codes.get("CANCELLED", 0) > 0, codes
     assert "INTERNAL" not in codes, codes
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
+@pytest.mark.timeout(300)
+async def test_bytes_that_are_no_message_answer_invalid_argument(caplog):
+    """Found by the soak: a request whose bytes do not parse answered UNKNOWN and logged
+    "Unexpected [DecodeError]" at ERROR; now INVALID_ARGUMENT naming the request type, for a
+    single request, a server stream and a request stream alike, and counted in the metrics."""
+    junk = bytes([0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01])
+    caplog.set_level(logging.ERROR)
+    async with running_server(seeded_model(), server_config()) as running:
+        channel = running.channel
+        for method in ("Logits", "ScoreVariants", "Info"):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary(f"/esmc.v1.ESMC/{method}")(junk, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert f"not a valid {method} request message" in refused.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in channel.unary_stream("/esmc.v1.ESMC/Generate")(junk, timeout=30):
+                pass
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        good = pb.EmbedRequest(id="a", protein=pb.ESMProtein(sequence="MKTAYIAK"))
+
+        async def requests():
+            yield good.SerializeToString()
+            yield junk
+
+        answers = []
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for answer in channel.stream_stream("/esmc.v1.ESMC/Embed")(requests(),
+                                                                            timeout=30):
+                answers.append(pb.EmbedResponse.FromString(answer))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid Embed request message" in refused.value.details()
+        # a good request still works, and the refusals were counted
+        response = await running.stub.Logits(pb.LogitsRequest(
+            protein=pb.ESMProtein(sequence="MKTAYIAK"), config=pb.LogitsConfig(sequence=True)
+        ), timeout=30)
+        assert list(response.logits.sequence.shape) == [10, 64]
+        counted = running.scrape()
+    logits_refused = counted[("esmc_requests_total",
+                              (("code", "INVALID_ARGUMENT"), ("method", "Logits")))]
+    assert logits_refused >= 1
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

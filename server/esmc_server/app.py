@@ -29,6 +29,7 @@ from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import tracing
 from esmc_server.config import ServerConfig
 from esmc_server.connections import quiet_descriptor_errors
+from esmc_server.decoding import DecodingInterceptor
 from esmc_server.metrics import Metrics
 from esmc_server.security import OpenStreams, Security, connection_options, start_health_server
 from esmc_server.servicer import SERVICE_NAME, ESMCServicer
@@ -234,7 +235,10 @@ async def create_server(
     tracers = [tracing.TracingInterceptor(tracer_provider)] if tracer_provider else []
     grpc_server = grpc.aio.server(
         options=server_options(config) + connection_options(config),
-        interceptors=tracers + security.interceptors,  # traced first: refusals show too
+        # traced first: refusals show too; requests are parsed only once authenticated
+        interceptors=tracers + security.interceptors + [DecodingInterceptor(
+            on_refused=lambda method: metrics.on_request(_short(method), "INVALID_ARGUMENT", 0.0)
+        )],
     )
     health = health_aio.HealthServicer()
     servicer = ESMCServicer(config, metrics)
