@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 from benchmarks import soak_report as report
-from benchmarks.soak_faults import Auth, Faults, schedule
-from benchmarks.soak_fleet import CLIENT_OPTIONS, Replica, Secrets
+from benchmarks.soak_faults import Faults, schedule
+from benchmarks.soak_fleet import CLIENT_OPTIONS, Auth, Replica, Secrets
 from benchmarks.soak_load import STEADY_KINDS, Ledger, SoakClient, Steady, load_data
 from benchmarks.soak_load import undisturbed_run, worker
 from benchmarks.soak_measure import sample_loop
@@ -162,8 +162,8 @@ async def drive(args, replicas: list[Replica], secrets: Secrets, clock: Clock,
         replica.shift_clock(shift)
     ledger = Ledger(clock)
     steady = Steady(ledger, data, reference, args.bulk_size)
-    mischief = Mischief(ledger, data, target, secrets.channel_credentials(), lambda: auth.token,
-                        lambda: auth.revoked, args.idle_timeout_s)
+    mischief = Mischief(ledger, data, target, secrets.channel_credentials(), auth,
+                        args.idle_timeout_s)
     faults = Faults(replicas, secrets, auth, clock, ready_timeout_s=300,
                     drain_timeout_s=60)
     plan = schedule(args.duration, args.replicas)
@@ -173,7 +173,7 @@ async def drive(args, replicas: list[Replica], secrets: Secrets, clock: Clock,
     tasks = [
         asyncio.create_task(worker(
             STEADY_KINDS[k % len(STEADY_KINDS)], k, steady, mischief, new_client,
-            lambda: auth.version, stop, args.think_s, args.mischief_rate, args.seed,
+            auth, stop, args.think_s, args.mischief_rate, args.seed,
         ))
         for k in range(args.clients)
     ]

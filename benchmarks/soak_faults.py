@@ -17,7 +17,9 @@ import grpc.aio
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 
-from benchmarks.soak_fleet import CLIENT_OPTIONS, Replica, Secrets, new_token, presented_certificate
+from benchmarks.soak_fleet import (
+    CLIENT_OPTIONS, Auth, Replica, Secrets, new_token, presented_certificate,
+)
 
 # (fraction of the run, fault); kills and drains go to replicas 1..N-1 in turn
 PLAN = (
@@ -38,15 +40,6 @@ class Fault:
     start: float  # run clock, seconds
     end: float | None = None  # the fault's own action complete (replica SERVING again, ...)
     detail: str = ""
-
-
-class Auth:
-    """The token the steady clients use; a rotation bumps ``version`` (clients are remade)."""
-
-    def __init__(self, token: str):
-        self.token = token
-        self.version = 0
-        self.revoked: list[str] = []
 
 
 def schedule(duration_s: float, replicas: int) -> list[tuple[float, str, int | None]]:
@@ -172,15 +165,26 @@ class Faults:
         self.secrets.write_tokens([(old_name, old), (new_name, new)])
         self._hangup_all()
         await asyncio.sleep(1.0)
+        old_version = self.auth.version
         self.auth.token = new
         self.auth.version += 1  # workers make new clients before their next call
-        await asyncio.sleep(3.0)
+        waited = await self._until_unused(old_version, within_s=240)
         self.secrets.write_tokens([(new_name, new)])
         hung = self._hangup_all()
         self.auth.revoked.append(old)
         checks = await asyncio.gather(*(self._token_check(r, new, old) for r in hung))
         fault.end = self.clock()
-        fault.detail = f"{sum(checks)} of {len(hung)} replicas accept only the new token"
+        fault.detail = f"old token removed when its last call ended, {waited:.1f} s after " \
+                       f"the switch; {sum(checks)} of {len(hung)} replicas accept only the new " \
+                       "token"
+
+    async def _until_unused(self, version: int, within_s: float) -> float:
+        """Wait until no call made with token ``version`` is in flight (a removed token's
+        open streams end, so it is removed only when its calls are done); seconds waited."""
+        start = self.clock()
+        while self.auth.in_use[version] > 0 and self.clock() - start < within_s:
+            await asyncio.sleep(0.2)
+        return self.clock() - start
 
     async def _token_check(self, replica: Replica, new: str, old: str, within_s: float = 10):
         """Whether ``replica`` answers the new token and refuses the old one (polled)."""

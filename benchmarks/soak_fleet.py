@@ -8,6 +8,7 @@ Nothing here imports torch: the soak driver is a client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -17,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -70,6 +72,26 @@ class Secrets:
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.ca_pem)
+
+
+class Auth:
+    """The token the clients use now; a rotation bumps ``version`` (clients are remade).
+    ``in_use`` counts the calls in flight per token version (see :meth:`holding`)."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.version = 0
+        self.revoked: list[str] = []
+        self.in_use: Counter[int] = Counter()
+
+    @contextlib.contextmanager
+    def holding(self, version: int):
+        """A call made with token ``version`` is in flight."""
+        self.in_use[version] += 1
+        try:
+            yield
+        finally:
+            self.in_use[version] -= 1
 
 
 def new_token() -> str:

@@ -23,6 +23,8 @@ import numpy as np
 from esmc_client import AsyncESMCClient, ESMCError, GenerationConfig, LogitsConfig
 from esmc_client.fasta import read_fasta
 
+from benchmarks.soak_fleet import Auth
+
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 LOGITS = LogitsConfig(sequence=True)
 GENERATION = GenerationConfig(num_steps=12, strategy="random", temperature=1.0)
@@ -243,22 +245,23 @@ class Steady:
 
 
 async def worker(kind: str, index: int, steady: Steady, mischief, new_client: Callable,
-                 token_version: Callable[[], int], stop: asyncio.Event, think_s: float,
-                 mischief_rate: float, seed: int) -> None:
+                 auth: Auth, stop: asyncio.Event, think_s: float, mischief_rate: float,
+                 seed: int) -> None:
     """One client looping over ``kind`` calls; now and then a quick mischief instead. The
     client is made again when the token changes (a rotation)."""
     rng = random.Random(seed * 1000 + index)
     client, version = None, -1
     try:
         while not stop.is_set():
-            if version != token_version():
+            if version != auth.version:
                 if client is not None:
                     await client.close()
-                version, client = token_version(), new_client()
+                version, client = auth.version, new_client()
             if rng.random() < mischief_rate:
                 await mischief.quick(rng)
             else:
-                await steady.call(kind, client, rng)
+                with auth.holding(version):
+                    await steady.call(kind, client, rng)
             try:
                 await asyncio.wait_for(stop.wait(), think_s * rng.uniform(0.5, 1.5))
             except asyncio.TimeoutError:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
 
 import grpc
 import grpc.aio
@@ -29,7 +28,7 @@ from esmc_client.requests import generate_request
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 
-from benchmarks.soak_fleet import CLIENT_OPTIONS, new_token
+from benchmarks.soak_fleet import CLIENT_OPTIONS, Auth, new_token
 from benchmarks.soak_load import AMINO_ACIDS, Data, Ledger
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # the replicas' --max-request-bytes in a soak run
@@ -71,13 +70,12 @@ class Mischief:
     """Raw calls over channels of their own (no client retries: each call is sent once)."""
 
     def __init__(self, ledger: Ledger, data: Data, target: str, credentials,
-                 token: Callable[[], str], revoked: Callable[[], list[str]], idle_timeout_s: float):
+                 auth: Auth, idle_timeout_s: float):
         self.ledger = ledger
         self.data = data
         self.target = target
         self.credentials = credentials
-        self.token = token  # the current token
-        self.revoked = revoked  # tokens the replicas no longer accept
+        self.auth = auth
         self.idle_timeout_s = idle_timeout_s
 
     def channel(self) -> grpc.aio.Channel:
@@ -85,15 +83,15 @@ class Mischief:
         return grpc.aio.secure_channel(self.target, self.credentials, options=options)
 
     def metadata(self, token: str | None = None) -> tuple:
-        return (("authorization", f"Bearer {token or self.token()}"),)
+        return (("authorization", f"Bearer {token or self.auth.token}"),)
 
     async def quick(self, rng: random.Random) -> None:
         kinds = list(QUICK_WEIGHTS)
         kind = rng.choices(kinds, weights=[QUICK_WEIGHTS[k] for k in kinds])[0]
-        if kind == "revoked token" and not self.revoked():
+        if kind == "revoked token" and not self.auth.revoked:
             kind = "wrong token"
         start = self.ledger.clock()
-        async with self.channel() as channel:
+        async with self.channel() as channel, _Holding(self.auth):
             stub = pb_grpc.ESMCStub(channel)
             try:
                 method, code = await QUICK[kind](self, stub, channel, rng)
@@ -169,7 +167,7 @@ class Mischief:
 
     async def _revoked_token(self, stub, channel, rng) -> tuple[str, str]:
         protein = pb.ESMProtein(sequence=rng.choice(self.data.short))
-        token = rng.choice(self.revoked())
+        token = rng.choice(self.auth.revoked)
         await stub.Logits(pb.LogitsRequest(protein=protein), metadata=self.metadata(token),
                           timeout=60)
         return "Logits", "OK"
@@ -214,7 +212,8 @@ class Mischief:
         kinds = (self.disconnect, self.slow_reader, self.never_read)
         turn = 0
         while not stop.is_set():
-            await kinds[turn % len(kinds)](rng, stop)
+            with self.auth.holding(self.auth.version):
+                await kinds[turn % len(kinds)](rng, stop)
             turn += 1
             try:
                 await asyncio.wait_for(stop.wait(), pause_s)
@@ -243,7 +242,7 @@ class Mischief:
         from benchmarks.soak_load import GENERATION, SoakClient
 
         start = self.ledger.clock()
-        client = SoakClient(self.target, credentials=self.credentials, token=self.token(),
+        client = SoakClient(self.target, credentials=self.credentials, token=self.auth.token,
                             options=CLIENT_OPTIONS, retry=RetryPolicy())
         k = rng.randrange(len(self.data.prompts))
         code, message = "OK", ""
@@ -297,6 +296,19 @@ QUICK = {
     "cancel Generate mid-stream": Mischief._cancel_generate,
     "cancel Embed mid-stream": Mischief._cancel_embed,
 }
+
+
+class _Holding:
+    """``auth.holding(current version)`` as an async context manager."""
+
+    def __init__(self, auth: Auth):
+        self._hold = auth.holding(auth.version)
+
+    async def __aenter__(self):
+        self._hold.__enter__()
+
+    async def __aexit__(self, *exc):
+        self._hold.__exit__(*exc)
 
 
 def _method_of(kind: str) -> str:
