@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from esmc_client.types import EmbedResult
+from esmc_client.types import EmbedResult, ESMCError, ResponseMetadata
 from esmc_ray.job import JobSummary, run_job
 from esmc_ray.parts import PartStore, error_column
 from esmc_ray.targets import TRANSIENT_CODES, TargetPool, server_metadata, transient
@@ -154,7 +154,7 @@ class EngineEmbedActor:
             if self._embedder is None:
                 self._start()
         records = list(zip(batch["id"].to_pylist(), batch["sequence"].to_pylist()))
-        results = self._embedder.embed(records, layer=self._layer, pool=self._pool)
+        results = self._embed(self._embedder, records)
         kept = [None if transient(r) else r for r in results]
         return self._store.write(records, kept, embedding_table)
 
@@ -163,12 +163,26 @@ class EngineEmbedActor:
 
         model, embedder_options, output, metadata = self._args
         embedder = LocalEmbedder(model, **embedder_options)
-        [probe] = embedder.embed([("probe", "M")], layer=self._layer, pool=self._pool)
+        [probe] = self._embed(embedder, [("probe", "M")])
         check_probe(probe, model, self._layer, self._pool)
         info = embedder.info()
         shape = {key: str(info[key]) for key in ("server_version", "d_model", "n_layers")}
         self._store = PartStore(output, {**metadata, **shape})
         self._embedder = embedder
+
+    def _embed(self, embedder, records: list[tuple[str, str]]) -> list[EmbedResult]:
+        local = embedder.embed(records, layer=self._layer, pool=self._pool)
+        return [client_result(r) for r in local]
+
+
+def client_result(local) -> EmbedResult:
+    """The client's :class:`EmbedResult` of one in-process embedder result (the server's
+    plain type: ``id``, ``embedding``, ``error`` with ``code`` and ``message``, ``metadata``
+    with the timing), so both kinds of actors write the same rows."""
+    error = None if local.error is None else ESMCError(local.error.code, local.error.message)
+    t = local.metadata
+    timing = ResponseMetadata(t.queue_ms, t.compute_ms, t.batch_size, t.batch_tokens, t.forwards)
+    return EmbedResult(local.id, local.embedding, error, timing)
 
 
 def embedding_table(kept: list[tuple[tuple[str, str], EmbedResult]], metadata: dict[str, str]):
