@@ -11,6 +11,7 @@ import dataclasses
 import io
 import logging
 
+import aiohttp
 import grpc
 import pytest
 from helpers.inprocess import running_server, server_config
@@ -169,3 +170,34 @@ async def test_refused_requests_log_no_sequence_at_info(model, caplog):
 async def _two(sequence: str):
     for _ in range(2):
         yield pb.EmbedRequest(id=sequence, protein=pb.ESMProtein(sequence=sequence + "1"))
+
+
+async def test_requests_are_counted_per_caller_by_token_name(model, tmp_path):
+    """An operator sees who uses the service: requests by caller (the token's name, never
+    the token or an address) and status code, over gRPC and HTTP alike."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:tok-alice-1\nbob:tok-bob-2\n")
+    config = dataclasses.replace(
+        server_config(max_wait_ms=1), auth_tokens_file=str(tokens), http_port=0,
+        model="esmc-tiny",
+    )
+    async with running_server(model, config) as running:
+        for _ in range(3):
+            await running.stub.Info(pb.InfoRequest(), timeout=10,
+                                    metadata=[("authorization", "Bearer tok-alice-1")])
+        with pytest.raises(grpc.aio.AioRpcError):
+            await running.stub.Encode(pb.EncodeRequest(protein=pb.ESMProtein(sequence="9")),
+                                      timeout=10, metadata=[("authorization", "Bearer tok-bob-2")])
+        url = f"http://127.0.0.1:{running.server.http.port}/api/v1/encode"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json={"inputs": {"sequence": "MKT"}},
+                                    headers={"Authorization": "Bearer tok-bob-2"}) as reply:
+                assert reply.status == 200
+        samples = running.scrape()
+    by_caller = {
+        (dict(labels)["caller"], dict(labels)["code"]): value
+        for (name, labels), value in samples.items()
+        if name == "esmc_caller_requests_total"
+    }
+    assert by_caller == {("alice", "OK"): 3, ("bob", "INVALID_ARGUMENT"): 1, ("bob", "OK"): 1}
+    assert not any("tok-" in str(labels) for (_, labels) in samples)

@@ -46,6 +46,7 @@ from esmc.config import OFFICIAL_NAMES
 from esmc_proto.status import http_status
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import convert
+from esmc_server.calls import ANONYMOUS, Caller
 from esmc_server.connections import CappedListener
 from esmc_server.errors import (
     InvalidRequest,
@@ -147,8 +148,9 @@ class HttpFront:
         async def route(request: web.Request) -> web.Response:
             start = time.perf_counter()
             code = "OK"
+            caller = ANONYMOUS
             try:
-                self._check_token(request)
+                caller = self._check_token(request)
                 body = await self._json_body(request)
                 self._check_model(body.get("model"))
                 return await _json_response(await handler(body))
@@ -166,15 +168,21 @@ class HttpFront:
                 return await _json_response({"detail": message, "code": code}, 500)
             finally:
                 self._server.metrics.on_request(f"http_{name}", code, time.perf_counter() - start)
+                self._server.metrics.on_caller_request(caller.name, code)
 
         return route
 
-    def _check_token(self, request: web.Request) -> None:
+    def _check_token(self, request: web.Request) -> Caller:
+        """The request's caller (the token's name); Unauthenticated without an accepted one."""
         tokens = self._server.security.tokens if self._server.security is not None else None
-        if tokens is not None and not tokens.allows(request.headers.get("Authorization")):
+        if tokens is None:
+            return ANONYMOUS
+        caller = tokens.caller(request.headers.get("Authorization"))
+        if caller is None:
             raise Unauthenticated(
                 "missing or invalid token: send 'Authorization: Bearer <token>'"
             )
+        return caller
 
     async def _json_body(self, request: web.Request) -> dict:
         """The body as a JSON object: its size checked before it is read, read within the

@@ -57,6 +57,12 @@ class Metrics:
         )
         self.queue_capacity.set(queue_capacity)
         self.queue_depth = Gauge("esmc_queue_depth", "Requests waiting for a forward", registry=r)
+        self.caller_requests = Counter(
+            "esmc_caller_requests",
+            "Requests answered, by caller (the token's name, or anonymous) and status code",
+            ["caller", "code"],
+            registry=r,
+        )
         self.unread_response_bytes = Gauge(
             "esmc_unread_response_bytes",
             "Response bytes reserved and not yet written, all calls and streams together "
@@ -184,6 +190,10 @@ class Metrics:
         self.active_generations.set(n)
 
     # -- requests --------------------------------------------------------------------------
+
+    def on_caller_request(self, caller: str, code: str) -> None:
+        """One finished request of ``caller`` (a bounded set of names, never an address)."""
+        self.caller_requests.labels(caller, code).inc()
 
     def on_request(self, method: str, code: str, seconds: float) -> None:
         """One finished request (or one item of an Embed stream) and its status code name."""

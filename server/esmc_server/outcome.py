@@ -16,6 +16,7 @@ import uuid
 import grpc
 from grpc._cython import cygrpc  # the errors of a call that has ended (no public name)
 
+from esmc_server.calls import current_caller
 from esmc_server.errors import Cancelled, InternalError, ServiceError
 from esmc_server.metrics import Metrics
 
@@ -61,6 +62,7 @@ class Outcome:
         self.metrics = metrics
         self.method = method
         self.start = time.perf_counter()
+        self.caller = current_caller()  # named by the auth interceptor for this call
         self.error: ServiceError | None = None
         self._recorded = False
 
@@ -92,6 +94,7 @@ class Outcome:
             elif context.cancelled():
                 code = "CANCELLED"
         self.metrics.on_request(self.method, code, time.perf_counter() - self.start)
+        self.metrics.on_caller_request(self.caller.name, code)
 
 
 async def abort(context, error: ServiceError) -> None:
