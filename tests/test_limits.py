@@ -21,6 +21,7 @@ from helpers.processes import ServeProcess
 
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
+from esmc_server.cli import build_parser
 from esmc_server.config import ServerConfig, descriptor_limit
 
 pytestmark = pytest.mark.e2e
@@ -204,3 +205,16 @@ async def test_grpc_connections_are_capped_below_the_descriptor_limit():
         finally:
             for channel in channels:
                 await channel.close()
+
+
+@pytest.mark.unit
+def test_every_serve_flag_shows_its_default():
+    parser = build_parser()
+    missing = [a.option_strings for a in parser._actions
+               if a.dest != "help" and "default" not in (a.help or "")]
+    assert missing == []
+    text = parser.format_help()
+    for flag in ("--max-request-bytes", "--max-connections", "--http-idle-timeout-s",
+                 "--max-unread-response-bytes", "--max-stream-ids", "--so-reuseport"):
+        assert flag in text
+    assert "(default 134217728)" in " ".join(text.split())
