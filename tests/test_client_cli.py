@@ -259,3 +259,22 @@ def test_top_tokens_lines():
     assert p_l == pytest.approx(np.e / (np.e + 1), abs=1e-3)
     assert p_a == pytest.approx(1 / (np.e + 1), abs=1e-3)
     assert lines[2].split()[2] == "<7>"
+
+
+def test_installed_commands_load_and_are_listed(capsys):
+    """esmc serve, ray-embed and ray-score come from the esmc.commands entry points (the
+    client imports neither package); each loads to a main(argv) and shows in the help."""
+    from esmc_client.cli import installed_commands
+    from esmc_ray.cli import ray_embed, ray_score
+    from esmc_server.cli import main as serve_main
+
+    commands = installed_commands()
+    assert {name: entry.load() for name, entry in commands.items()} == {
+        "serve": serve_main, "ray-embed": ray_embed, "ray-score": ray_score,
+    }
+    assert [commands[n].extras for n in ("serve", "ray-embed")] == [["server"], ["ray"]]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    listed = capsys.readouterr().out
+    assert "see esmc serve --help (the [server] extra)" in listed
+    assert "see esmc ray-embed --help (the [ray] extra)" in listed
