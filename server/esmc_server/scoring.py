@@ -149,9 +149,11 @@ async def run_plan(
 
     async def worker() -> None:
         for k in todo:
-            result = await engine.logits(plan.tokens(k), SEQUENCE_LOGITS, deadline=deadline)
+            tokens = await _off_loop_if_large(length, plan.tokens, k)
+            result = await engine.logits(tokens, SEQUENCE_LOGITS, deadline=deadline)
             served.add(result.timing)
-            reads[k] = plan.read(k, result.output.logits.sequence)  # a few rows of 64
+            logits = result.output.logits.sequence
+            reads[k] = await _off_loop_if_large(len(plan.copies[k].reads), plan.read, k, logits)
 
     window = min(len(plan.copies), copy_window(batching, length))
     async with asyncio.TaskGroup() as group:  # one failure cancels the other workers
