@@ -1,4 +1,5 @@
-"""Channel options shared by the sync and async clients.
+"""Channel options shared by the sync and async clients, and what a failed connection to a
+target means (:func:`unreachable_reason`: nothing listening, an HTTP/1 port, a bad name).
 
 - Message size limits in both directions come from one setting, with the server's
   default (512 MiB): a 2,048-residue protein's hidden states are far above gRPC's 4 MB.
