@@ -200,6 +200,16 @@ def test_imports_go_one_way():
     assert KNOWN_LAYER_BREAKS - breaks == set(), "mended: remove from KNOWN_LAYER_BREAKS"
 
 
+NETWORK_IMPORTS = {"esmc.attention", "esmc.batch", "esmc.config", "esmc.tokenizer"}
+"""What the network (``esmc.model``) may import of ours: the class users load builds on it
+elsewhere (``esmc.pretrained``), so weights, SDK types and generation stay out of it."""
+
+
+def test_the_network_imports_only_low_level_modules():
+    imported = {e.target for e in _edges() if e.source == "esmc.model"}
+    assert imported <= NETWORK_IMPORTS, imported - NETWORK_IMPORTS
+
+
 def test_no_import_loops():
     loops = _loops(_edges())
     assert loops - KNOWN_LOOPS == set(), "import loops"
