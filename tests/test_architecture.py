@@ -46,20 +46,14 @@ EXCEPTIONS = {"esmc_client.esm_sdk": {"esmc"}}
 BOTH: set[str] = {"esmc_ray"}
 """Packages allowed to import every other one (jobs that need the client and the server)."""
 
-KNOWN_LAYER_BREAKS = {
-    ("esmc_server.embedder", "esmc_client.requests"),
-    ("esmc_server.embedder", "esmc_client.types"),
-}
+KNOWN_LAYER_BREAKS: set[tuple[str, str]] = set()
 """Layer breaks still being taken apart; each entry must be real (a stale one fails)."""
 
 KNOWN_LOOPS: set[frozenset[str]] = set()
 """Import loops still being taken apart; each entry must be real (a stale one fails)."""
 
 MAX_LINES = 500
-KNOWN_LONG_FILES = {
-    "server/esmc_server/convert.py",
-    "server/esmc_server/device_loop.py",
-}
+KNOWN_LONG_FILES: set[str] = set()
 """Source files over :data:`MAX_LINES` still to be split along a job boundary (must be real)."""
 
 

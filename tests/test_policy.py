@@ -3,7 +3,14 @@
 import pytest
 
 from esmc_server.config import BatchingConfig
-from esmc_server.policy import Batch, PendingEntry, batch_cost, next_wakeup, select_batch
+from esmc_server.policy import (
+    Batch,
+    FairClock,
+    PendingEntry,
+    batch_cost,
+    next_wakeup,
+    select_batch,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -122,3 +129,120 @@ def test_packed_counts_the_sum_of_lengths():
     assert batch_cost([10, 20, 30], packed=True) == 60
     assert batch_cost([10, 20, 30], packed=False) == 90
     assert batch_cost([], packed=False) == 0
+
+
+# -- fairness over callers (start-time fair queueing by tokens) ---------------------------------
+
+
+class Simulation:
+    """The pending set's use of the policy, without threads: tag on queueing, select, serve.
+    Generations are re-queued (a new tag) after each forward they ride in, until done."""
+
+    def __init__(self, limits):
+        self.limits = limits
+        self.clock = FairClock()
+        self.queued: dict[int, PendingEntry] = {}
+        self.steps_left: dict[int, int] = {}
+        self.keys = iter(range(10**9))
+        self.now = 0.0
+
+    def add(self, caller, length, steps=0):
+        key = next(self.keys)
+        self._queue(key, caller, length, priority=0)
+        if steps:
+            self.steps_left[key] = steps
+        return key
+
+    def _queue(self, key, caller, length, priority):
+        start = self.clock.tag(caller, length)
+        self.queued[key] = PendingEntry(key, length, self.now, priority, caller, start)
+
+    def forward(self):
+        batch = select_batch(list(self.queued.values()), self.limits, now=self.now + 1.0)
+        taken = [self.queued.pop(k) for k in batch.keys]
+        self.clock.served([e.start for e in taken])
+        self.now += 1.0
+        for e in taken:
+            left = self.steps_left.get(e.key, 0) - 1
+            if left > 0:  # a generation's next step
+                self.steps_left[e.key] = left
+                self._queue(e.key, e.caller, e.length, priority=1)
+        return batch
+
+    def forwards_until_served(self, key, limit=10_000):
+        for n in range(1, limit + 1):
+            if key in self.forward().keys:
+                return n
+        raise AssertionError("never served")
+
+
+def bound(longest, budget, callers):
+    """The module docstring's bound for an entry whose caller had nothing else queued."""
+    return -(-2 * longest * (callers - 1) // (budget - longest)) + 1
+
+
+FAIR = BatchingConfig(max_batch_tokens=1000, max_batch_size=256, max_wait_ms=0.0)
+
+
+def test_fair_clock_tags_each_caller_after_its_own_work():
+    clock = FairClock()
+    assert [clock.tag("a", 10) for _ in range(3)] == [0.0, 10.0, 20.0]
+    assert clock.tag("b", 5) == 0.0  # a newcomer starts at the virtual time, not behind "a"
+    clock.served([10.0])
+    assert clock.vtime == 10.0
+    assert clock.tag("b", 5) == 10.0  # "b"'s last tag (5) fell behind: it starts again at 10
+    assert clock.tag("c", 1) == 10.0
+
+
+def test_a_thousand_queued_requests_do_not_delay_another_callers_one():
+    sim = Simulation(FAIR)
+    for _ in range(1000):
+        sim.add("attacker", 100)
+    sim.forward()
+    victim = sim.add("victim", 10)
+    waited = sim.forwards_until_served(victim)
+    assert waited <= bound(100, 1000, 2)
+    assert waited == 1  # its tag equals the virtual time: it rides in the next forward
+
+
+def test_forty_long_generations_do_not_starve_small_requests():
+    sim = Simulation(FAIR)
+    for _ in range(40):
+        sim.add("generator", 200, steps=1000)  # 40 x 200 tokens: 8 forwards per round of steps
+    for _ in range(5):
+        sim.forward()
+    waits = []
+    for _ in range(20):
+        victim = sim.add("victim", 30)
+        waits.append(sim.forwards_until_served(victim))
+    assert max(waits) <= bound(200, 1000, 2)
+    # and the generations are not starved either: every one of them stepped meanwhile
+    assert all(left < 1000 for left in sim.steps_left.values())
+
+
+def test_entries_over_the_budget_run_alone_and_are_charged_to_their_caller():
+    sim = Simulation(FAIR)
+    for _ in range(50):
+        sim.add("attacker", 5000)  # each over the 1000-token budget: one forward each
+    first = sim.forward()
+    assert len(first.keys) == 1 and first.tokens == 5000
+    victim = sim.add("victim", 10)
+    assert sim.forwards_until_served(victim) <= 2 * (2 - 1) + 1
+
+
+def test_bound_holds_with_many_callers_and_mixed_lengths():
+    sim = Simulation(FAIR)
+    lengths = [17, 230, 64, 400, 12]
+    for i in range(300):
+        sim.add(f"c{i % 5}", lengths[i % 5], steps=(3 if i % 7 == 0 else 0))
+    for _ in range(3):
+        sim.forward()
+    victim = sim.add("victim", 50)
+    assert sim.forwards_until_served(victim) <= bound(400, 1000, 6)
+
+
+def test_one_caller_alone_keeps_fifo_order():
+    sim = Simulation(FAIR)
+    keys = [sim.add("only", n) for n in (600, 300, 300, 50)]
+    assert sim.forward().keys == (keys[0], keys[1])
+    assert sim.forward().keys == (keys[2], keys[3])

@@ -27,6 +27,7 @@ from esmc.runtime import resolve_dtype
 from esmc.weights import default_device
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import tracing
+from esmc_server.admission import AdmissionLimits
 from esmc_server.config import ServerConfig
 from esmc_server.connections import quiet_descriptor_errors
 from esmc_server.decoding import DecodingInterceptor
@@ -309,10 +310,21 @@ async def _start_engine(server: Server, config: ServerConfig, engine, model: ESM
             config.batching,
             observer=server.metrics,
             forward_timeout_s=config.forward_timeout_s,
+            admission=admission_limits(config),
         )
     server.model = model if model is not None else engine.model
     server.engine = engine
     server.watch_engine()
     await engine.start()
-    if config.warmup:
+    if config.warmup:  # and the start check: the longest admitted forward fits the timeout
         await engine.warmup()
+        await engine.check_forward_time(config.max_tokens)
+
+
+def admission_limits(config: ServerConfig) -> AdmissionLimits:
+    """The cost limits of ``config`` (:mod:`esmc_server.admission`)."""
+    return AdmissionLimits(
+        max_request_token_forwards=config.max_request_token_forwards,
+        max_caller_token_forwards=config.max_caller_token_forwards,
+        max_inflight_token_forwards=config.max_inflight_token_forwards,
+    )

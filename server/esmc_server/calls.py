@@ -20,7 +20,13 @@ import threading
 
 import torch
 
+from esmc.generation import resolve_seed
+from esmc.inference import InvalidLayerError, hidden_layer_indices
+from esmc.sampling import validate_sampling_config
+from esmc.scoring import ScoringPlan
+from esmc.tokenizer import MASK_ID
 from esmc.types import GenerationConfig, LogitsConfig, SamplingConfig
+from esmc_server.errors import InvalidRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +122,7 @@ class SampleCall(Call):
     tokens: torch.Tensor
     sampling: SamplingConfig
     seed: int | None = None
+    dtype: torch.dtype = torch.float32  # of the float outputs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,8 +139,113 @@ class ScoreCall(Call):
     """Masked copies of one protein (ScoreVariants, PseudoLogLikelihood): ``plan`` is an
     :class:`esmc.scoring.ScoringPlan`; ``cost.forwards`` is its number of copies."""
 
-    plan: object  # esmc.scoring.ScoringPlan (kept untyped: the library's plan is opaque here)
+    plan: ScoringPlan
     id: str = ""  # a PseudoLogLikelihoodStream item's id
+
+
+# -- building calls: each check in one place ----------------------------------------------
+
+
+def checked_layers(config: LogitsConfig, n_layers: int, field: str = "config.ith_hidden_layer"
+                   ) -> tuple[int, ...]:
+    """The hidden blocks ``config`` asks for, or InvalidRequest naming ``field``."""
+    try:
+        return tuple(hidden_layer_indices(config, n_layers))
+    except InvalidLayerError as error:
+        raise InvalidRequest(f"{field}: {error}") from error
+
+
+def embed_config(layer: int, pooled: bool) -> LogitsConfig:
+    """What an Embed item computes: the final embeddings (``layer`` -1) or one block's output
+    (check it with :func:`checked_layers`), mean-pooled or per position."""
+    if layer == -1:
+        return LogitsConfig(return_mean_embedding=pooled, return_embeddings=not pooled)
+    return LogitsConfig(
+        ith_hidden_layer=layer, return_mean_hidden_states=pooled, return_hidden_states=not pooled
+    )
+
+
+def cpu_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` as a flat int64 CPU tensor (what every call holds)."""
+    return tokens.detach().to("cpu", torch.long).reshape(-1)
+
+
+def logits_call(
+    tokens: torch.Tensor,
+    config: LogitsConfig,
+    layers: tuple[int, ...],
+    *,
+    dtype: torch.dtype = torch.float32,
+    caller: Caller = ANONYMOUS,
+    deadline: float | None = None,
+    response_bytes: int = 0,
+) -> LogitsCall:
+    """A logits call over checked ``layers`` (:func:`checked_layers`)."""
+    if not dtype.is_floating_point:
+        raise InvalidRequest("outputs are floating point: ask for float32, float16 or bfloat16")
+    tokens = cpu_tokens(tokens)
+    return LogitsCall(
+        tokens=tokens, config=config, layers=tuple(layers), dtype=dtype, caller=caller,
+        deadline=deadline, cost=Cost(len(tokens), 1, response_bytes),
+    )
+
+
+def sample_call(
+    tokens: torch.Tensor,
+    sampling: SamplingConfig,
+    seed: int | None,
+    *,
+    caller: Caller = ANONYMOUS,
+    deadline: float | None = None,
+    response_bytes: int = 0,
+) -> SampleCall:
+    """A forward-and-sample call; the sampling config is checked here (the library's check)."""
+    try:
+        validate_sampling_config(sampling)
+        seed = resolve_seed(seed)
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from error
+    tokens = cpu_tokens(tokens)
+    return SampleCall(
+        tokens=tokens, sampling=sampling, seed=seed, caller=caller, deadline=deadline,
+        cost=Cost(len(tokens), 1, response_bytes),
+    )
+
+
+def generate_call(
+    tokens: torch.Tensor,
+    config: GenerationConfig,
+    seed: int | None,
+    *,
+    caller: Caller = ANONYMOUS,
+    deadline: float | None = None,
+) -> GenerateCall:
+    """A generation: at least one masked position; it costs one forward per step (``num_steps``
+    clamped to the number of masks, as the library does)."""
+    tokens = cpu_tokens(tokens)
+    masks = int((tokens[1:-1] == MASK_ID).sum())
+    if masks == 0:
+        raise InvalidRequest(
+            "protein has no masked position ('_' or <mask>): there is nothing to generate "
+            "(the input has no masks)"
+        )
+    steps = masks if config.num_steps is None else max(1, min(int(config.num_steps), masks))
+    return GenerateCall(
+        tokens=tokens, config=config, seed=seed, caller=caller, deadline=deadline,
+        cost=Cost(len(tokens), steps),
+    )
+
+
+def score_call(
+    plan: ScoringPlan, *, caller: Caller = ANONYMOUS, deadline: float | None = None,
+    id: str = "", response_bytes: int = 0,
+) -> ScoreCall:
+    """Masked copies of a plan: as many forwards as copies, of its longest sequence."""
+    longest = max(len(s) for s in plan.sequences) + 2
+    return ScoreCall(
+        plan=plan, id=id, caller=caller, deadline=deadline,
+        cost=Cost(longest, max(1, len(plan.copies)), response_bytes),
+    )
 
 
 def current_caller(default: Caller = ANONYMOUS) -> Caller:

@@ -76,6 +76,23 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "request may need (default 20000)",
     )
     p.add_argument(
+        "--max-request-token-forwards",
+        type=int,
+        help="token-forwards (tokens x forwards) one request may cost; more is refused with "
+        "INVALID_ARGUMENT (default 4194304: a 2,000-residue PseudoLogLikelihood fits)",
+    )
+    p.add_argument(
+        "--max-caller-token-forwards",
+        type=int,
+        help="token-forwards one caller may have in flight; more is refused with "
+        "RESOURCE_EXHAUSTED and retry pushback (default 8388608)",
+    )
+    p.add_argument(
+        "--max-inflight-token-forwards",
+        type=int,
+        help="token-forwards the whole server may have in flight (default 33554432)",
+    )
+    p.add_argument(
         "--generation-window", type=int, help="steps a generation may run ahead of its reader"
     )
     p.add_argument(
@@ -264,6 +281,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "health_port": args.health_port,
         "otlp_endpoint": args.otlp_endpoint,
         "max_score_forwards": args.max_score_forwards,
+        "max_request_token_forwards": args.max_request_token_forwards,
+        "max_caller_token_forwards": args.max_caller_token_forwards,
+        "max_inflight_token_forwards": args.max_inflight_token_forwards,
         "generation_window": args.generation_window,
         "fatal_exit_s": args.fatal_exit_s,
         "max_length": args.max_length,

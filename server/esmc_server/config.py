@@ -60,6 +60,10 @@ class ServerConfig:
     warmup: bool = True
     compile: bool = False  # torch.compile the block stack (esmc.compiled), warmed up at start
     max_score_forwards: int = 20000  # masked copies one ScoreVariants/PLL request may need
+    # --- admission by cost (esmc_server.admission): token-forwards = tokens x forwards ---
+    max_request_token_forwards: int = 2**22  # one request (a 2,000-residue PLL fits)
+    max_caller_token_forwards: int = 2**23  # in flight per caller
+    max_inflight_token_forwards: int = 2**25  # in flight in the whole server
     http_port: int | None = None  # Forge-compatible HTTP endpoint (same engine); None: off
     # --- shared-service settings (security, connections, tracing) ---
     auth_tokens_file: str | None = None  # one token per line; None: no auth
@@ -126,6 +130,9 @@ class ServerConfig:
         for name in ("keepalive_time_s", "keepalive_timeout_s"):
             _check(getattr(self, name) > 0, f"{name} must be > 0")
         _check(self.max_score_forwards >= 1, "max_score_forwards must be >= 1")
+        for name in ("max_request_token_forwards", "max_caller_token_forwards",
+                     "max_inflight_token_forwards"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1")
         _check(
             self.forward_timeout_s is None or self.forward_timeout_s > 0,
             "forward_timeout_s must be > 0 (or off)",
@@ -255,6 +262,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "warmup": _parse_bool,
     "compile": _parse_bool,
     "max_score_forwards": int,
+    "max_request_token_forwards": int,
+    "max_caller_token_forwards": int,
+    "max_inflight_token_forwards": int,
     "max_length": int,
     "threads": _parse_optional_int,
     "embed_window": int,

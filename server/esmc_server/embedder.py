@@ -2,10 +2,11 @@
 
 :class:`LocalEmbedder` loads a model the way ``esmc serve`` does (:func:`esmc_server.app.load_model`),
 starts the same :class:`~esmc_server.engine.Engine` (one device thread, token-budget packing)
-on an asyncio loop of its own thread, and turns ``(id, sequence)`` records into the client's
-:class:`~esmc_client.types.EmbedResult` exactly as the ``Embed`` RPC would: the same
-tokenization and length limit, the same layer/pooling rules, each sequence's own error in its
-result. Used by the Ray model actors (:mod:`esmc_client.ray`) and the Ray benchmark.
+on an asyncio loop of its own thread, and turns ``(id, sequence)`` records into
+:class:`LocalEmbedding` results exactly as the ``Embed`` RPC would: the same tokenization and
+length limit, the same layer/pooling rules (the same :class:`~esmc_server.calls.LogitsCall`),
+each sequence's own error in its result. Plain server-side types: a client package turns them
+into its own (the Ray jobs do).
 
     with LocalEmbedder("esmc-tiny", device="cpu") as embedder:
         results = embedder.embed([("p1", "MKTAYIAK"), ("p2", "MLLV")], layer=-1, pool="mean")
@@ -14,20 +15,55 @@ result. Used by the Ray model actors (:mod:`esmc_client.ray`) and the Ray benchm
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from esmc_proto.v1 import esmc_pb2 as pb
-from esmc_client.requests import embed_request
-from esmc_client.types import EmbedResult, ESMCError, ResponseMetadata
-from esmc_server import convert
+from esmc import tokenizer
 from esmc_server.app import load_model
+from esmc_server.calls import Caller, checked_layers, embed_config, logits_call
 from esmc_server.config import BatchingConfig, ServerConfig
 from esmc_server.engine import Engine
-from esmc_server.errors import ServiceError
-from esmc_server.servicer import server_version
+from esmc_server.errors import InvalidRequest, ServiceError
+from esmc_server.info import describe
+from esmc_server.requests import Timing
+from esmc_server.wire import embedding_of
+
+POOLS = ("mean", "none")
+CALLER = Caller("local")
+"""Whom an embedder's work is charged to (it is the engine's only caller)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemError:
+    """Why one record has no embedding: a status code name and a message."""
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # holds an array: compared by identity
+class LocalEmbedding:
+    """One record's embedding ((d) pooled, or (L+2, d)) or its own error, and how it was
+    served (``metadata``: queue and compute times, batch, forwards)."""
+
+    id: str
+    embedding: np.ndarray | None
+    error: ItemError | None
+    metadata: Timing
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+_NO_TIMING = Timing(0.0, 0.0, 0, 0, 0)
 
 
 class LocalEmbedder:
@@ -58,8 +94,11 @@ class LocalEmbedder:
         config = ServerConfig(model=model, device=device, dtype=dtype)
         self.model_name = model
         self.model = load_model(config)
-        self.max_length = max_length or _served_length(config, self.model)
-        self.engine = Engine(self.model, batching or config.batching)
+        self.max_length = max_length or config.max_tokens
+        batching = batching or config.batching
+        self.engine = Engine(self.model, batching)
+        self._info = describe(model, self.model, self.max_length, batching,
+                              config.max_message_bytes)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="esmc-embedder")
         self._thread.start()
@@ -69,23 +108,28 @@ class LocalEmbedder:
 
     def info(self) -> dict[str, object]:
         """What a server's ``Info`` would say about the model (name, shape, limit, version)."""
-        c = self.model.config
+        info = self._info
         return {
-            "model_name": self.model_name,
-            "d_model": c.d_model,
-            "n_layers": c.n_layers,
-            "max_length": self.max_length,
-            "device": str(next(self.model.parameters()).device),
-            "server_version": server_version(),
+            "model_name": info.model_name,
+            "d_model": info.d_model,
+            "n_layers": info.n_layers,
+            "max_length": info.max_length,
+            "device": info.device,
+            "server_version": info.server_version,
         }
 
     def embed(
         self, records: Sequence[tuple[str, str]], layer: int = -1, pool: str = "mean"
-    ) -> list[EmbedResult]:
+    ) -> list[LocalEmbedding]:
         """One result per record, in order; every record is queued at once so the engine
-        packs them into forwards under its token budget."""
-        requests = [embed_request(uid, sequence, layer=layer, pool=pool) for uid, sequence in records]
-        return self._run(self._embed_all(requests))
+        packs them into forwards under its token budget. ``layer``: -1 (or None) the final
+        embeddings, 0..n-1 a block's output, -2.. from the end; ``pool``: ``mean`` (or None)
+        or ``none``."""
+        if pool not in (*POOLS, None):
+            raise ValueError(f"pool must be 'mean' or 'none', got {pool!r}")
+        pooled = pool != "none"
+        layer = -1 if layer is None else int(layer)
+        return self._run(self._embed_all(list(records), layer, pooled))
 
     def close(self) -> None:
         """Stop the engine (work in flight finishes first) and the loop thread."""
@@ -104,30 +148,27 @@ class LocalEmbedder:
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    async def _embed_all(self, requests: list[pb.EmbedRequest]) -> list[EmbedResult]:
-        return list(await asyncio.gather(*(self._embed_one(r) for r in requests)))
+    async def _embed_all(
+        self, records: list[tuple[str, str]], layer: int, pooled: bool
+    ) -> list[LocalEmbedding]:
+        return list(await asyncio.gather(*(self._embed_one(r, layer, pooled) for r in records)))
 
-    async def _embed_one(self, request: pb.EmbedRequest) -> EmbedResult:
-        """The ``Embed`` RPC's conversions around ``engine.logits``, minus the wire."""
-        uid = request.id
+    async def _embed_one(self, record: tuple[str, str], layer: int, pooled: bool
+                         ) -> LocalEmbedding:
+        """The ``Embed`` RPC's call around ``engine.logits``, minus the wire."""
+        uid, sequence = record
         try:
-            tokens = convert.tokens_from_request(request, self.max_length)
-            config = convert.embed_config_from_proto(request, self.model.config.n_layers)
-            result = await self.engine.logits(tokens, config)
+            config = embed_config(layer, pooled)
+            layers = checked_layers(config, self.model.config.n_layers, "layer")
+            try:
+                tokens = tokenizer.encode(sequence, max_length=self.max_length)
+            except ValueError as error:
+                raise InvalidRequest(f"protein.sequence: {error}") from error
+            result = await self.engine.logits(logits_call(tokens, config, layers, caller=CALLER))
         except ServiceError as error:
-            return EmbedResult(uid, None, ESMCError(error.code, str(error)), ResponseMetadata())
+            return LocalEmbedding(uid, None, ItemError(error.code, str(error)), _NO_TIMING)
         except Exception as error:  # noqa: BLE001 - one sequence's failure stays its own
-            failure = ESMCError("INTERNAL", f"internal error: {type(error).__name__}: {error}")
-            return EmbedResult(uid, None, failure, ResponseMetadata())
-        embedding = convert.embedding_of(result.output, config).float().numpy()
-        timing = result.timing
-        metadata = ResponseMetadata(
-            timing.queue_ms, timing.compute_ms, timing.batch_size, timing.batch_tokens, timing.forwards
-        )
-        return EmbedResult(uid, embedding, None, metadata)
-
-
-def _served_length(config: ServerConfig, model) -> int:
-    """The server's per-protein token limit for this config, BOS and EOS included
-    (``max_length`` counts residues)."""
-    return config.max_tokens
+            failure = ItemError("INTERNAL", f"internal error: {type(error).__name__}: {error}")
+            return LocalEmbedding(uid, None, failure, _NO_TIMING)
+        embedding = embedding_of(result.output, config).float().numpy()
+        return LocalEmbedding(uid, embedding, None, result.timing)

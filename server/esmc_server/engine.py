@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 
-from esmc.generation import GenerationState, logits_config_for, resolve_seed, sample_from_logits
-from esmc.inference import InvalidLayerError, hidden_layer_indices
+from esmc.generation import GenerationState, logits_config_for, sample_from_logits
 from esmc import ESMC
-from esmc.sampling import validate_sampling_config
+from esmc.scoring import ScoringResult
 from esmc.tokenizer import MASK_ID, encode
 from esmc.types import (
     ForwardAndSampleOutput,
@@ -34,11 +33,24 @@ from esmc.types import (
     LogitsOutput,
     SamplingConfig,
 )
+from esmc_server.admission import Admission, AdmissionLimits, Lease
+from esmc_server.calls import (
+    INTERNAL,
+    Call,
+    GenerateCall,
+    LogitsCall,
+    SampleCall,
+    ScoreCall,
+    checked_layers,
+    generate_call,
+    logits_call,
+    sample_call,
+)
 from esmc_server.config import BatchingConfig
 from esmc_server.device_loop import DeviceLoop
 from esmc_server.errors import InvalidRequest, Unavailable
 from esmc_server.execute import BatchExecutor
-from esmc_server.observer import EngineObserver
+from esmc_server.observer import EngineObserver, GuardedObserver
 from esmc_server.requests import (
     GENERATION_LOGITS,
     EngineStats,
@@ -52,6 +64,9 @@ from esmc_server.requests import (
     deadline_error,
     deadline_passed,
 )
+from esmc_server.score_run import SEQUENCE_LOGITS, run_plan
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Engine",
@@ -76,17 +91,21 @@ class Engine:
         forward_timeout_s: float | None = None,
         on_fatal: Callable[[str], None] | None = None,
         executor: BatchExecutor | None = None,
+        admission: AdmissionLimits | None = None,
     ):
         """``forward_timeout_s``: a forward (or the handing on of its results) running longer
         is fatal (None: no limit). ``on_fatal(reason)``: see :meth:`add_fatal_listener`.
-        ``executor``: the steps of a pass (default :class:`BatchExecutor`; tests inject faults)."""
+        ``executor``: the steps of a pass (default :class:`BatchExecutor`; tests inject faults).
+        ``admission``: the cost limits every call is admitted by (:mod:`esmc_server.admission`)."""
         self.model = model
         self.batching = batching
         self.stats = EngineStats()
+        self.admission = Admission(admission)
+        self._observer = GuardedObserver(observer or EngineObserver())
         self._device = DeviceLoop(
             model,
             batching,
-            observer or EngineObserver(),
+            self._observer,
             self.stats,
             generation_window=batching.generation_window,
             forward_timeout_s=forward_timeout_s,
@@ -165,51 +184,54 @@ class Engine:
         await asyncio.to_thread(self._device.join)
 
     # -- calls -------------------------------------------------------------------------------
+    # Each takes its validated call as is (:mod:`esmc_server.calls`); the raw forms (tokens,
+    # config, ...) build the same call first, for callers inside this process.
 
     async def logits(
         self,
-        tokens: torch.Tensor,
-        config: LogitsConfig,
+        call: LogitsCall | torch.Tensor,
+        config: LogitsConfig | None = None,
         *,
         deadline: float | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> LogitsResult:
-        """One protein's outputs per ``config`` and how it was served: CPU tensors in ``dtype``
-        (cast on the device, means taken in float32 first), only the parts ``config`` asks for."""
-        layers = self._layers(config)
-        if not dtype.is_floating_point:
-            raise InvalidRequest("outputs are floating point: ask for float32, float16 or bfloat16")
-        return await self._unary(tokens, config, layers, deadline, LogitsResult, dtype=dtype)
+        """One protein's outputs per its config and how it was served: CPU tensors in the
+        call's dtype (cast on the device, means taken in float32 first), only the parts the
+        config asks for."""
+        if not isinstance(call, LogitsCall):
+            layers = checked_layers(config, self.model.config.n_layers)
+            call = logits_call(call, config, layers, dtype=dtype, deadline=deadline)
+        with self._admit(call):
+            return await self._unary(call, call.tokens, call.config, call.layers, LogitsResult,
+                                     dtype=call.dtype)
 
     async def forward_and_sample(
         self,
-        tokens: torch.Tensor,
-        sampling: SamplingConfig,
-        seed: int | None,
+        call: SampleCall | torch.Tensor,
+        sampling: SamplingConfig | None = None,
+        seed: int | None = None,
         *,
         deadline: float | None = None,
     ) -> tuple[ForwardAndSampleOutput, Timing]:
         """One forward shared with other work, then sampling of this protein's logits."""
-        try:
-            validate_sampling_config(sampling)
-            seed = resolve_seed(seed)
-        except ValueError as error:
-            raise InvalidRequest(str(error)) from error
-        tokens = _cpu_tokens(tokens)
+        if not isinstance(call, SampleCall):
+            call = sample_call(call, sampling, seed, deadline=deadline)
+        tokens, config, drawn = call.tokens, call.sampling, call.seed
 
         def sample(output: LogitsOutput, timing: Timing) -> tuple[ForwardAndSampleOutput, Timing]:
-            return sample_from_logits(tokens, output, sampling, seed), timing
+            return sample_from_logits(tokens, output, config, drawn), timing
 
-        return await self._unary(
-            tokens, logits_config_for(sampling), [], deadline, sample,
-            finish_stage="sampling the logits",
-        )
+        with self._admit(call):
+            return await self._unary(
+                call, tokens, logits_config_for(config), (), sample,
+                finish_stage="sampling the logits",
+            )
 
     def generate(
         self,
-        tokens: torch.Tensor,
-        config: GenerationConfig,
-        seed: int | None,
+        call: GenerateCall | torch.Tensor,
+        config: GenerationConfig | None = None,
+        seed: int | None = None,
         *,
         deadline: float | None = None,
     ) -> GenerationStream:
@@ -217,45 +239,95 @@ class Engine:
 
         Invalid configs or inputs without masks raise InvalidRequest here, before queueing.
         Closing the iterator (or cancelling its reader) stops the generation before its next
-        step; ``deadline`` bounds the whole stream.
+        step; the call's deadline bounds the whole stream.
         """
+        if not isinstance(call, GenerateCall):
+            call = generate_call(call, config, seed, deadline=deadline)
         loop = self._running_loop()
         try:
-            state = GenerationState(_cpu_tokens(tokens), config, seed)
+            state = GenerationState(call.tokens, call.config, call.seed)
         except ValueError as error:
             raise InvalidRequest(str(error)) from error
         now = time.monotonic()
-        _check_deadline(deadline, now)
-        channel = StreamChannel(loop, on_close=self._device.wake, on_read=self._device.wake)
+        _check_deadline(call.deadline, now)
+        lease = self._admit(call)
+
+        def closed() -> None:  # the stream ended, failed, was cancelled or dropped
+            lease.release()
+            self._device.wake()
+
+        channel = StreamChannel(loop, on_close=closed, on_read=self._device.wake)
         work = GenerationWork(
             key=next(self._keys),
             tokens=state.tokens,
             config=GENERATION_LOGITS,
-            layers=[],
-            deadline=deadline,
+            layers=(),
+            deadline=call.deadline,
             ready=now,
+            caller=call.caller.name,
             state=state,
             stream=channel,
         )
-        self._device.submit(work)
-        if deadline is not None:
-            channel.timer = loop.call_later(deadline - now, channel.expire)
+        try:
+            self._device.submit(work)
+        except BaseException:
+            lease.release()
+            raise
+        if call.deadline is not None:
+            channel.timer = loop.call_later(call.deadline - now, channel.expire)
         return GenerationStream(channel)
+
+    async def score(self, call: ScoreCall) -> tuple[ScoringResult, Timing]:
+        """Every masked copy of the call's plan as ordinary work (a bounded window queued at a
+        time, charged to the call's caller), then the reduce (off the event loop)."""
+
+        async def forward(tokens: torch.Tensor) -> LogitsResult:
+            return await self._unary(call, tokens, SEQUENCE_LOGITS, (), LogitsResult)
+
+        with self._admit(call):
+            return await run_plan(forward, call.plan, self.batching, call.deadline)
+
+    async def check_forward_time(self, max_tokens: int) -> int | None:
+        """The start check: time the longest forward this server admits (one sequence of
+        ``max(max_tokens, max_batch_tokens)`` tokens, the watchdog held off meanwhile). When
+        it takes more than half of ``forward_timeout_s``, cap what is admitted from now on
+        (requests and the batch budget) to a length that fits, log a warning saying so, and
+        return the cap; None when everything fits (or there is no timeout)."""
+        limit = self._device.forward_timeout_s
+        if limit is None:
+            return None
+        longest = max(max_tokens, self.batching.max_batch_tokens)
+        tokens = encode("A" * (longest - 2))
+        call = logits_call(tokens, SEQUENCE_LOGITS, (), caller=INTERNAL)
+        self._device.forward_timeout_s = None  # this one may be long: it is what we measure
+        try:
+            started = time.perf_counter()
+            await self._unary(call, call.tokens, call.config, (), LogitsResult)
+            elapsed = time.perf_counter() - started
+        finally:
+            self._device.forward_timeout_s = limit
+        allowed = limit / 2
+        if elapsed <= allowed:
+            return None
+        # time grows at least linearly with length: the scaled length takes at most ``allowed``
+        cap = max(3, int(longest * allowed / elapsed))
+        reason = (
+            f"a forward of {longest:,} tokens took {elapsed:.1f} s at start, over half of "
+            f"forward_timeout_s={limit:g}"
+        )
+        self.admission.cap_forward(cap, reason)
+        self._device.set_budget(min(self.batching.max_batch_tokens, cap))
+        log.warning("%s: requests and forwards are capped at %d tokens from now on", reason, cap)
+        return cap
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _layers(self, config: LogitsConfig) -> list[int]:
-        try:
-            return hidden_layer_indices(config, self.model.config.n_layers)
-        except InvalidLayerError as error:
-            raise InvalidRequest(str(error)) from error
-
     async def _unary(
         self,
+        call: Call,
         tokens: torch.Tensor,
         config: LogitsConfig,
-        layers: list[int],
-        deadline: float | None,
+        layers: tuple[int, ...],
         make_result: Callable[[LogitsOutput, Timing], Any],
         *,
         dtype: torch.dtype = torch.float32,
@@ -263,15 +335,17 @@ class Engine:
     ) -> Any:
         loop = self._running_loop()
         now = time.monotonic()
+        deadline = call.deadline
         _check_deadline(deadline, now)
         future = loop.create_future()
         work = OneShotWork(
             key=next(self._keys),
-            tokens=_cpu_tokens(tokens),
+            tokens=tokens,
             config=config,
             layers=layers,
             deadline=deadline,
             ready=now,
+            caller=call.caller.name,
             loop=loop,
             future=future,
             make_result=make_result,
@@ -287,6 +361,11 @@ class Engine:
             if timer is not None:
                 timer.cancel()
 
+    def _admit(self, call: Call) -> Lease:
+        lease = self.admission.admit(call)
+        self._observer.on_call(call.caller.name, call.cost.token_forwards)
+        return lease
+
     def _on_settled(self, future: asyncio.Future) -> None:
         if future.cancelled() or future.exception() is not None:
             self._device.wake()  # cancelled or timed out: drop it now, not at the next pass
@@ -295,10 +374,6 @@ class Engine:
         if self._loop is None:
             raise Unavailable("the engine has not been started")
         return self._loop
-
-
-def _cpu_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    return tokens.detach().to("cpu", torch.long).reshape(-1)
 
 
 def _check_deadline(deadline: float | None, now: float) -> None:

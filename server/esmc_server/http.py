@@ -48,6 +48,7 @@ from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import convert
 from esmc_server.calls import ANONYMOUS, Caller
 from esmc_server.connections import CappedListener
+from esmc_server.calls import CURRENT_CALLER, current_caller, logits_call
 from esmc_server.errors import (
     InvalidRequest,
     ServiceError,
@@ -182,6 +183,7 @@ class HttpFront:
             raise Unauthenticated(
                 "missing or invalid token: send 'Authorization: Bearer <token>'"
             )
+        CURRENT_CALLER.set(caller)  # the route's handler runs in this context
         return caller
 
     async def _json_body(self, request: web.Request) -> dict:
@@ -244,7 +246,7 @@ class HttpFront:
         shapes = convert.Shapes(d_model=model.config.d_model, logits_width=model.config.vocab_rows)
         size = _json_response_bytes(config, layers, len(tokens), shapes)
         convert.check_response_size(size, self._server.config.max_message_bytes, HTTP_SIZE_ADVICE)
-        result = await engine.logits(tokens, config)
+        result = await engine.logits(logits_call(tokens, config, layers, caller=current_caller()))
         return await asyncio.to_thread(_logits_payload, result.output)
 
     async def _health(self, request: web.Request) -> web.Response:

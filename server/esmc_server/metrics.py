@@ -139,6 +139,17 @@ class Metrics:
             ["method", "code"],
             registry=r,
         )
+        self.caller_token_forwards = Counter(
+            "esmc_caller_token_forwards",
+            "Cost admitted (tokens x forwards of each call), by caller", ["caller"], registry=r,
+        )
+        self.caller_tokens = Counter(
+            "esmc_caller_tokens", "Tokens forwarded, by caller", ["caller"], registry=r
+        )
+        self.caller_queue_time = Histogram(
+            "esmc_caller_queue_time_seconds", "Time waiting for a forward, by caller",
+            ["caller"], buckets=_MS_BUCKETS, registry=r,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def watch_certificate(self, path: str) -> None:
@@ -188,6 +199,13 @@ class Metrics:
 
     def on_active_generations(self, n: int) -> None:
         self.active_generations.set(n)
+
+    def on_call(self, caller: str, token_forwards: int) -> None:
+        self.caller_token_forwards.labels(caller).inc(token_forwards)
+
+    def on_served(self, caller: str, tokens: int, queue_ms: float) -> None:
+        self.caller_tokens.labels(caller).inc(tokens)
+        self.caller_queue_time.labels(caller).observe(queue_ms / 1000)
 
     # -- requests --------------------------------------------------------------------------
 

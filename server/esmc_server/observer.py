@@ -35,6 +35,12 @@ class EngineObserver:
         """Generations started and not yet finished, failed or closed (finished streams whose
         last event is still unread count until it is read)."""
 
+    def on_call(self, caller: str, token_forwards: int) -> None:
+        """A call admitted for ``caller`` (on the caller's thread), with its cost."""
+
+    def on_served(self, caller: str, tokens: int, queue_ms: float) -> None:
+        """One of ``caller``'s sequences rode in a forward after waiting ``queue_ms``."""
+
 
 class GuardedObserver(EngineObserver):
     """Forwards to ``inner``; an exception there is logged (once per method) and swallowed:
@@ -63,6 +69,18 @@ class GuardedObserver(EngineObserver):
             self.inner.on_active_generations(n)
         except Exception:  # noqa: BLE001
             self._log("on_active_generations")
+
+    def on_call(self, caller: str, token_forwards: int) -> None:
+        try:
+            self.inner.on_call(caller, token_forwards)
+        except Exception:  # noqa: BLE001
+            self._log("on_call")
+
+    def on_served(self, caller: str, tokens: int, queue_ms: float) -> None:
+        try:
+            self.inner.on_served(caller, tokens, queue_ms)
+        except Exception:  # noqa: BLE001
+            self._log("on_served")
 
     def _log(self, method: str) -> None:
         if method not in self._logged:

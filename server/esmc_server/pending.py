@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from esmc_server.config import BatchingConfig
 from esmc_server.errors import QueueFull, Unavailable
 from esmc_server.observer import EngineObserver
-from esmc_server.policy import next_wakeup, select_batch
+from esmc_server.policy import FairClock, next_wakeup, select_batch
 from esmc_server.requests import EngineStats, GenerationWork, Work
 
 
@@ -59,6 +59,7 @@ class PendingSet:
         self._parked: dict[int, GenerationWork] = {}
         self._generations: set[int] = set()  # keys of live generations, wherever they are
         self._waiting_unary = 0  # one-shot works queued
+        self._clock = FairClock()  # fair start tags, by caller (the policy's order)
         self.state = State.NEW
         self.refusal = "the engine is not accepting work (starting or shutting down)"
 
@@ -78,7 +79,7 @@ class PendingSet:
             limit = self.limits.max_queue
             if waiting >= limit:
                 raise QueueFull(f"{waiting} requests are waiting (max_queue={limit})")
-            self._queued[work.key] = work
+            self._queue(work)
             if isinstance(work, GenerationWork):
                 self._generations.add(work.key)
             else:
@@ -148,6 +149,7 @@ class PendingSet:
                 batch = select_batch(entries, limits, now)
                 if batch is not None:
                     works = [self._take(key) for key in batch.keys]
+                    self._clock.served([w.start_tag for w in works])
                     depth = self.stats.queue_depth = len(self._queued)
                     break
                 if not block:
@@ -184,7 +186,7 @@ class PendingSet:
                 if work.stream.unread >= self.generation_window:
                     self._parked[work.key] = work
                 else:
-                    self._queued[work.key] = work
+                    self._queue(work)
             for work in done:
                 if self._taken.pop(work.key, None) is None:
                     continue
@@ -201,6 +203,11 @@ class PendingSet:
                 self._forget(work)
 
     # -- under the lock ----------------------------------------------------------------------
+
+    def _queue(self, work: Work) -> None:
+        """Queue ``work`` (new, or a generation's next step) with its caller's next fair tag."""
+        work.start_tag = self._clock.tag(work.caller, work.length)
+        self._queued[work.key] = work
 
     def _take(self, key: int) -> Work:
         work = self._queued.pop(key)
@@ -238,7 +245,7 @@ class PendingSet:
             elif not finished and work.stream.unread < self.generation_window:
                 del self._parked[work.key]
                 work.ready = now
-                self._queued[work.key] = work
+                self._queue(work)
         if len(self._generations) != before:
             self._count_generations()
             return True

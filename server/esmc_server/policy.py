@@ -1,9 +1,27 @@
-"""Which pending work rides in the next forward: a pure function over made-up-able entries.
+"""Which pending work rides in the next forward: pure functions over made-up-able entries.
 
-The engine calls :func:`select_batch` whenever the device is free. Entries are served by
-priority (generation steps in flight first), then by arrival (FIFO): the batch is the longest
+Fair order. Each entry carries its caller and a start tag that :class:`FairClock` gave it
+when it was queued (start-time fair queueing by tokens over callers): a caller's entries get
+consecutive tags, each its length after the previous one, starting no earlier than the
+clock's virtual time (the largest tag served so far). One-shot work and each step of a
+generation are tagged alike, so a caller with forty generations, a thousand queued requests or
+one 16k-token PLL advances its own tags, not everyone's wait. The service order is by tag,
+then (ties) generation steps in flight first, then by arrival (FIFO); the batch is the longest
 prefix of that order that fits the token budget and the size cap, so a long entry is never
-skipped in favour of later short ones. A batch is cut when:
+skipped in favour of later short ones (one over the budget runs alone at its turn, and its
+whole length is charged to its caller's tags).
+
+The bound. Let M be the longest entry (tokens, at most the per-protein limit), B the budget
+and C the callers with work queued. Every queued tag is at least the virtual time V, and an
+entry whose caller had nothing else queued gets a tag S <= V + M. Only entries tagged <= S
+go before it, at most S - V + M <= 2M tokens of each other caller; so it rides in one of the
+next ``ceil(2M (C-1) / (B - M)) + 1`` forwards when M < B (each earlier forward carries more
+than B - M tokens, or is full by count), and in one of the next ``2 (C-1) + 1`` forwards
+when every other entry is a single one over the budget (each runs alone) -- whatever the other
+callers queue. An entry of a caller with more queued waits in addition for its own caller's
+earlier entries. (``tests/test_policy.py`` checks both bounds on simulated attacks.)
+
+A batch is cut when:
 
 - the budget or the size cap is filled (the next entry in order would not fit, or nothing
   more could: a single entry over the budget runs alone at once), or
@@ -27,7 +45,37 @@ class PendingEntry:
     key: int  # opaque id
     length: int  # tokens incl. BOS/EOS
     arrival: float  # monotonic seconds when it (or its current generation step) became ready
-    priority: int = 0  # generation steps in flight get 1 (served first), new work 0
+    priority: int = 0  # generation steps in flight get 1 (first among equal tags), new work 0
+    caller: str = "anonymous"  # whom it is charged to
+    start: float = 0.0  # its fair start tag (:meth:`FairClock.tag`)
+
+
+class FairClock:
+    """Start tags of start-time fair queueing over callers, by tokens (see the module
+    docstring). Plain state, no threads: the pending set calls it under its lock."""
+
+    def __init__(self) -> None:
+        self.vtime = 0.0  # the largest start tag served so far
+        self._finish: dict[str, float] = {}  # caller -> the tag after its last queued entry
+
+    def tag(self, caller: str, tokens: int) -> float:
+        """The start tag of ``caller``'s next entry of ``tokens`` tokens (charged now)."""
+        start = max(self.vtime, self._finish.get(caller, 0.0))
+        self._finish[caller] = start + tokens
+        return start
+
+    def served(self, starts: Sequence[float]) -> None:
+        """A batch with these start tags ran: advance the virtual time, and forget callers
+        whose last tag it passed (they start again from the virtual time)."""
+        if starts and max(starts) > self.vtime:
+            self.vtime = max(starts)
+        for caller in [c for c, finish in self._finish.items() if finish <= self.vtime]:
+            del self._finish[caller]
+
+    @property
+    def callers(self) -> int:
+        """Callers with a tag ahead of the virtual time."""
+        return len(self._finish)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +92,8 @@ def batch_cost(lengths: Sequence[int], packed: bool) -> int:
 
 
 def service_order(pending: Sequence[PendingEntry]) -> list[PendingEntry]:
-    """Higher priority first, then oldest first."""
-    return sorted(pending, key=lambda e: (-e.priority, e.arrival, e.key))
+    """Smallest start tag first; among equal tags higher priority, then oldest first."""
+    return sorted(pending, key=lambda e: (e.start, -e.priority, e.arrival, e.key))
 
 
 def select_batch(
@@ -62,7 +110,7 @@ def select_batch(
         or len(chosen) >= limits.max_batch_size
         or tokens >= limits.max_batch_tokens
     )
-    in_flight = order[0].priority > 0
+    in_flight = any(e.priority > 0 for e in order)
     if not (full or in_flight or _waited_enough(order, limits, now)):
         return None
     if not limits.packed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,6 +46,38 @@ class Timing:
     batch_size: int  # sequences in the forward it rode in
     batch_tokens: int  # tokens that forward paid (padded: count * max length)
     forwards: int = 1  # forwards the pass took (> 1 after an out-of-memory split)
+
+
+def combine_timings(
+    timings: Sequence[Timing], *, concurrent: bool, compute_ms: float | None = None
+) -> Timing:
+    """The timing of a response that took several forwards, the one rule for all of them.
+
+    ``concurrent=False`` (a generation's steps, one after the other): queue and compute times
+    are summed, the batch is the last one's. ``concurrent=True`` (a plan's masked copies, in
+    flight together): the longest queue time, ``compute_ms`` the wall time of the whole
+    (given), the largest batch, and each pass counted once (copies sharing a forward share
+    its timing). Forwards are summed either way.
+    """
+    if not timings:
+        return Timing(0.0, compute_ms or 0.0, 0, 0, 0)
+    if not concurrent:
+        last = timings[-1]
+        return Timing(
+            queue_ms=sum(t.queue_ms for t in timings),
+            compute_ms=sum(t.compute_ms for t in timings) if compute_ms is None else compute_ms,
+            batch_size=last.batch_size,
+            batch_tokens=last.batch_tokens,
+            forwards=sum(t.forwards for t in timings),
+        )
+    passes = {(t.compute_ms, t.batch_size, t.batch_tokens): t.forwards for t in timings}
+    return Timing(
+        queue_ms=max(t.queue_ms for t in timings),
+        compute_ms=max(t.compute_ms for t in timings) if compute_ms is None else compute_ms,
+        batch_size=max(t.batch_size for t in timings),
+        batch_tokens=max(t.batch_tokens for t in timings),
+        forwards=sum(passes.values()),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,18 +139,22 @@ class Work:
     key: int
     tokens: torch.Tensor  # (L+2,) int64 on the CPU
     config: LogitsConfig
-    layers: list[int]  # hidden blocks this request needs (reference numbering)
+    layers: Sequence[int]  # hidden blocks this request needs (reference numbering)
     deadline: float | None  # monotonic seconds
     ready: float  # monotonic seconds when it (or its current step) became ready
     priority: int = 0
     dtype: torch.dtype = torch.float32  # of its outputs (means are taken in float32 first)
+    caller: str = "anonymous"  # whom its forwards are charged to (the fair policy's unit)
+    start_tag: float = 0.0  # its place in the fair order (set by the pending set when queued)
 
     @property
     def length(self) -> int:
         return int(self.tokens.shape[0])
 
     def entry(self) -> PendingEntry:
-        return PendingEntry(self.key, self.length, self.ready, self.priority)
+        return PendingEntry(
+            self.key, self.length, self.ready, self.priority, self.caller, self.start_tag
+        )
 
     finish_stage = "building the result"
     """What :meth:`finish` does, named in the error the caller gets if it fails."""

@@ -1,12 +1,10 @@
 """ScoreVariants, PseudoLogLikelihood and PseudoLogLikelihoodStream.
 
 A request becomes an :class:`esmc.scoring.ScoringPlan` (validated first: every bad variant
-answers ``INVALID_ARGUMENT`` naming it, and so does a plan over the forwards limit); its masked
-copies then go through ``engine.logits`` as ordinary work items, so they share the batcher's
-token-budget forwards with Logits, Embed and generation steps. A request keeps at most a
-window of copies queued (about two forwards' worth, and never more than a quarter of the
-queue), so one big request cannot fill the queue. Each copy's logits are reduced at once to
-the few log-probability rows the scores need; the final reduce runs off the event loop.
+answers ``INVALID_ARGUMENT`` naming it, and so does a plan over the forwards limit), then a
+:class:`esmc_server.calls.ScoreCall` that ``engine.score`` runs: its masked copies share the
+batcher's token-budget forwards with Logits, Embed and generation steps
+(:mod:`esmc_server.score_run`).
 
 :class:`ScoringMethods` is mixed into the servicer (it uses the servicer's ``_ready``,
 ``_unary``, ``_keyed_stream``, ``_build``, ``_max_tokens`` and ``_config``).
@@ -14,19 +12,14 @@ the few log-probability rows the scores need; the final reduce runs off the even
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import time
-
 from esmc import scoring
-from esmc.types import LogitsConfig
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server import convert
-from esmc_server.config import BatchingConfig
+from esmc_server.calls import Caller, score_call
 from esmc_server.errors import InvalidRequest
+from esmc_server.requests import Timing
+from esmc_server.score_run import off_loop_if_large
 
-
-SEQUENCE_LOGITS = LogitsConfig(sequence=True)
 PLL_STREAM_WINDOW = 4
 """Proteins of one PseudoLogLikelihoodStream scored at once; reading pauses beyond it."""
 METHODS = {
@@ -101,101 +94,16 @@ def pll_plan(
         raise InvalidRequest(f"protein: {e}") from e
 
 
-# -- running a plan on the engine -----------------------------------------------------------
-
-
-def copy_window(batching: BatchingConfig, tokens_per_copy: int) -> int:
-    """Copies one request keeps queued: two forwards' worth, at most a quarter of the queue."""
-    per_forward = min(batching.max_batch_size, batching.max_batch_tokens // tokens_per_copy)
-    return max(1, min(2 * max(1, per_forward), batching.max_queue // 4))
-
-
-@dataclasses.dataclass
-class _Served:
-    """How the copies of one request were served (for its ResponseMetadata)."""
-
-    start: float = dataclasses.field(default_factory=time.perf_counter)
-    queue_ms: float = 0.0
-    batch_size: int = 0
-    batch_tokens: int = 0
-    passes: dict = dataclasses.field(default_factory=dict)
-
-    def add(self, timing) -> None:
-        self.queue_ms = max(self.queue_ms, timing.queue_ms)
-        self.batch_size = max(self.batch_size, timing.batch_size)
-        self.batch_tokens = max(self.batch_tokens, timing.batch_tokens)
-        # copies served by one forward share its timing (same compute time and batch)
-        key = (timing.compute_ms, timing.batch_size, timing.batch_tokens)
-        self.passes[key] = timing.forwards
-
-    def metadata(self) -> pb.ResponseMetadata:
-        return pb.ResponseMetadata(
-            queue_ms=self.queue_ms,
-            compute_ms=(time.perf_counter() - self.start) * 1000.0,
-            batch_size=self.batch_size,
-            batch_tokens=self.batch_tokens,
-            forwards=sum(self.passes.values()),
-        )
-
-
-async def run_plan(
-    engine, plan: scoring.ScoringPlan, batching: BatchingConfig, deadline: float | None
-) -> tuple[scoring.ScoringResult, _Served]:
-    """Every copy through ``engine.logits`` (a bounded window at a time), then the reduce."""
-    served = _Served()
-    reads: list = [None] * len(plan.copies)
-    todo = iter(range(len(plan.copies)))
-    length = len(plan.wild_type) + 2
-
-    async def worker() -> None:
-        for k in todo:
-            tokens = await _off_loop_if_large(length, plan.tokens, k)
-            result = await engine.logits(tokens, SEQUENCE_LOGITS, deadline=deadline)
-            served.add(result.timing)
-            logits = result.output.logits.sequence
-            reads[k] = await _off_loop_if_large(len(plan.copies[k].reads), plan.read, k, logits)
-
-    window = min(len(plan.copies), copy_window(batching, length))
-    async with asyncio.TaskGroup() as group:  # one failure cancels the other workers
-        for _ in range(window):
-            group.create_task(worker())
-    return await asyncio.to_thread(plan.reduce, reads), served
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    while isinstance(group, BaseExceptionGroup):
-        group = group.exceptions[0]
-    return group
-
-
-async def _run(engine, plan, batching, deadline):
-    try:
-        return await run_plan(engine, plan, batching, deadline)
-    except* Exception as group:  # e.g. DeadlineExceeded, QueueFull: the first one answers
-        raise _first_error(group) from None
-
-
-PLAN_ON_LOOP_ITEMS = 2048
-"""Variants plus residues a plan may have and still be built on the event loop (a few ms);
-larger plans are built in a thread so that they never hold the loop."""
-
-
-async def _off_loop_if_large(items: int, build, *args):
-    if items <= PLAN_ON_LOOP_ITEMS:
-        return build(*args)
-    return await asyncio.to_thread(build, *args)
-
-
 # -- responses -----------------------------------------------------------------------------
 
 
 def score_response(
-    plan: scoring.ScoringPlan, result: scoring.ScoringResult, served: _Served
+    plan: scoring.ScoringPlan, result: scoring.ScoringResult, timing: Timing
 ) -> pb.ScoreVariantsResponse:
     response = pb.ScoreVariantsResponse(
         scores=convert.tensor_to_proto(result.scores),
         masked_copies=len(plan.copies),
-        metadata=served.metadata(),
+        metadata=convert.metadata_to_proto(timing),
     )
     if result.saturation_map is not None:
         response.saturation_map.CopyFrom(convert.tensor_to_proto(result.saturation_map))
@@ -204,7 +112,7 @@ def score_response(
 
 
 def pll_response(
-    request_id: str, plan: scoring.ScoringPlan, result: scoring.ScoringResult, served: _Served
+    request_id: str, plan: scoring.ScoringPlan, result: scoring.ScoringResult, timing: Timing
 ) -> pb.PseudoLogLikelihoodResponse:
     return pb.PseudoLogLikelihoodResponse(
         id=request_id,
@@ -212,7 +120,7 @@ def pll_response(
         pseudo_perplexity=result.pseudo_perplexity,
         log_probs=convert.tensor_to_proto(result.position_log_probs),
         masked_copies=len(plan.copies),
-        metadata=served.metadata(),
+        metadata=convert.metadata_to_proto(timing),
     )
 
 
@@ -220,45 +128,50 @@ def pll_response(
 
 
 class ScoringMethods:
-    """The scoring RPCs of ``ESMCServicer`` (a mixin over its plumbing)."""
+    """The scoring RPCs of ``ESMCServicer`` (a mixin over its plumbing: ``_ready``,
+    ``_unary``, ``_keyed_stream``, ``_build``, ``_caller``, ``_max_tokens``, ``_config``)."""
 
     async def ScoreVariants(self, request: pb.ScoreVariantsRequest, context):
         async def handler():
             ready = self._ready
-            plan = await _off_loop_if_large(
+            plan = await off_loop_if_large(
                 len(request.variants) + len(request.wild_type.sequence),
                 score_plan, request, self._max_tokens, self._config.max_score_forwards,
             )
-            result, served = await _run(
-                ready.engine, plan, self._config.batching, convert.deadline_of(context)
-            )
-            return score_response(plan, result, served)
+            call = score_call(plan, caller=self._caller(context),
+                              deadline=convert.deadline_of(context))
+            result, timing = await ready.engine.score(call)
+            return score_response(plan, result, timing)
 
         return await self._unary("ScoreVariants", context, handler)
 
     async def PseudoLogLikelihood(self, request: pb.PseudoLogLikelihoodRequest, context):
         async def handler():
-            return await self._pll_one(request, convert.deadline_of(context))
+            return await self._pll_one(request, convert.deadline_of(context),
+                                       self._caller(context))
 
         return await self._unary("PseudoLogLikelihood", context, handler)
 
-    async def _pll_one(self, request, deadline) -> pb.PseudoLogLikelihoodResponse:
+    async def _pll_one(self, request, deadline, caller: Caller) -> pb.PseudoLogLikelihoodResponse:
         ready = self._ready
-        plan = await _off_loop_if_large(
+        plan = await off_loop_if_large(
             len(request.protein.sequence),
             pll_plan, request, self._max_tokens, self._config.max_score_forwards,
         )
-        result, served = await _run(ready.engine, plan, self._config.batching, deadline)
-        return pll_response(request.id, plan, result, served)
+        call = score_call(plan, caller=caller, deadline=deadline, id=request.id)
+        result, timing = await ready.engine.score(call)
+        return pll_response(request.id, plan, result, timing)
 
     async def PseudoLogLikelihoodStream(self, request_iterator, context) -> None:
         """A keyed stream (the servicer's, as Embed): one response per request, in completion
         order, each with its id; at most ``PLL_STREAM_WINDOW`` proteins scored and unwritten."""
+        caller = self._caller(context)
+
+        async def one(request, deadline) -> bytes:
+            response = await self._pll_one(request, deadline, caller)
+            return await self._build(pb.PseudoLogLikelihoodResponse.SerializeToString, response)
+
         await self._keyed_stream(
-            "PseudoLogLikelihoodStream", request_iterator, context, self._pll_stream_one,
+            "PseudoLogLikelihoodStream", request_iterator, context, one,
             pb.PseudoLogLikelihoodResponse, PLL_STREAM_WINDOW,
         )
-
-    async def _pll_stream_one(self, request, deadline) -> bytes:
-        response = await self._pll_one(request, deadline)
-        return await self._build(pb.PseudoLogLikelihoodResponse.SerializeToString, response)

@@ -23,22 +23,26 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata as importlib_metadata
 from typing import Any
 
-from esmc import tokenizer
 from esmc import ESMC
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server import convert, tracing
+from esmc_server.calls import ANONYMOUS, CALLER_METADATA, CURRENT_CALLER, Caller, CallerLabels
 from esmc_server.config import ServerConfig
 from esmc_server.engine import Engine
 from esmc_server.errors import Cancelled, InvalidRequest, Unavailable
+from esmc_server.info import ServerInfo, describe, server_version
 from esmc_server.metrics import Metrics
 from esmc_server.budget import Leased, ResponseBudget, StreamIds
 from esmc_server.outcome import PUSHBACK_KEY, Outcome, abort
+from esmc_server.readers import RequestLimits, read_embed, read_generate, read_logits, read_sample
+from esmc_server.requests import Timing, combine_timings
 from esmc_server.scoring import ScoringMethods
+from esmc_server.sizes import Shapes
 from esmc_server.streams import keyed_stream
+from esmc_server.wire import wire_dtype
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +54,14 @@ RESPONSE_THREADS = 2
 """Threads that build response messages (tensor bytes) off the event loop."""
 
 
-def server_version() -> str:
-    try:
-        return importlib_metadata.version("esmc-serve")
-    except importlib_metadata.PackageNotFoundError:
-        return "unknown"
-
-
 @dataclasses.dataclass(frozen=True)
 class Attached:
     """What the servicer needs once the model is loaded."""
 
     engine: Engine
     model: ESMC
-    shapes: convert.Shapes
+    limits: RequestLimits
+    info: pb.InfoResponse
 
 
 class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
@@ -80,10 +78,16 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         )
         self.stream_ids = StreamIds(config.max_stream_ids, self.metrics.on_stream_ids)
         self._draining = False
+        self._labels = CallerLabels()
 
     def attach(self, engine: Engine, model: ESMC) -> None:
-        shapes = convert.Shapes(d_model=model.config.d_model, logits_width=model.config.vocab_rows)
-        self._served = Attached(engine, model, shapes)
+        config = self._config
+        shapes = Shapes(d_model=model.config.d_model, logits_width=model.config.vocab_rows)
+        limits = RequestLimits(config.max_tokens, model.config.n_layers, shapes,
+                               config.max_message_bytes)
+        info = describe(config.model, model, config.max_tokens, config.batching,
+                        config.max_message_bytes)
+        self._served = Attached(engine, model, limits, info_response(info))
 
     def detach(self) -> None:
         self._served = None
@@ -108,6 +112,20 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
     @property
     def _max_tokens(self) -> int:
         return self._config.max_tokens
+
+    def _caller(self, context) -> Caller:
+        """The token's name (auth on), else the client's ``esmc-caller`` label (bounded), else
+        ``anonymous``; set as this call's caller (outcomes and metrics count it)."""
+        named = CURRENT_CALLER.get()
+        if named is not None:
+            return named
+        caller = ANONYMOUS
+        for key, value in context.invocation_metadata() or ():
+            if key == CALLER_METADATA:
+                caller = self._labels.caller(value if isinstance(value, str) else None)
+                break
+        CURRENT_CALLER.set(caller)
+        return caller
 
     async def _build(self, build: Callable[..., Any], *args) -> bytes:
         """Build and serialize a response in the response pool (never on the event loop);
@@ -142,11 +160,9 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             lease.release()
             raise
 
-    def _check_size(self, size: int, advice: str) -> None:
-        convert.check_response_size(size, self._config.max_message_bytes, advice)
-
     async def _unary(self, method: str, context, handler: Callable[[], Any]):
         """Run ``handler``; any error becomes its status (with pushback where it helps)."""
+        self._caller(context)
         outcome = Outcome(self.metrics, method)
         try:
             return await handler()
@@ -190,30 +206,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         return await self._unary("Info", context, self._info)
 
     async def _info(self) -> pb.InfoResponse:
-        model = self._ready.model
-        shape = model.config
-        batching = self._config.batching
-        return pb.InfoResponse(
-            model_name=self._config.model,
-            d_model=shape.d_model,
-            n_heads=shape.n_heads,
-            n_layers=shape.n_layers,
-            vocabulary=list(tokenizer.VOCABULARY),
-            max_length=self._max_tokens,
-            dtype=str(model.dtype).removeprefix("torch."),
-            device=str(model.device),
-            batching=pb.BatchingLimits(
-                max_batch_tokens=batching.max_batch_tokens,
-                max_batch_size=batching.max_batch_size,
-                max_wait_ms=batching.max_wait_ms,
-                max_queue=batching.max_queue,
-                packed=batching.packed,
-            ),
-            max_message_bytes=self._config.max_message_bytes,
-            server_version=server_version(),
-            logits_width=shape.vocab_rows,
-            trained_context=shape.max_length,
-        )
+        return self._ready.info
 
     # -- tokenizer ------------------------------------------------------------------------------
 
@@ -236,25 +229,16 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
     async def Logits(self, request: pb.LogitsRequest, context) -> pb.LogitsResponse:
         async def handler():
             served = self._ready
-            tokens = convert.tokens_from_request(request, self._max_tokens)
-            config, layers = convert.logits_config_from_proto(
-                request.config, served.model.config.n_layers
-            )
-            dtype = convert.output_dtype(request.output_dtype)
-            size = convert.logits_response_bytes(
-                config, layers, len(tokens), served.shapes, dtype
-            )
-            self._check_size(size, convert.LOGITS_SIZE_ADVICE)
-            lease = await self.budget.reserve(size)  # given back once handed to gRPC
+            call = read_logits(request, served.limits, self._caller(context),
+                               convert.deadline_of(context))
+            lease = await self.budget.reserve(call.cost.response_bytes)  # back once sent
             try:
-                result = await served.engine.logits(
-                    tokens, config, deadline=convert.deadline_of(context),
-                    dtype=convert.torch_dtype(dtype),
-                )
+                result = await served.engine.logits(call)
                 tracing.engine_done(result.timing)
                 metadata = convert.metadata_to_proto(result.timing)
                 return await self._build(
-                    convert.logits_response_serialized, result.output, layers, dtype, metadata
+                    convert.logits_response_serialized, result.output, call.layers,
+                    wire_dtype(call.dtype), metadata,
                 )
             finally:
                 lease.release()
@@ -264,21 +248,16 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
     async def ForwardAndSample(self, request: pb.ForwardAndSampleRequest, context):
         async def handler():
             served = self._ready
-            tokens = convert.tokens_from_request(request, self._max_tokens)
-            sampling = convert.sampling_config_from_request(request)
-            dtype = convert.output_dtype(request.output_dtype)
-            size = convert.sample_response_bytes(sampling, len(tokens), served.shapes, dtype)
-            self._check_size(size, convert.SAMPLE_SIZE_ADVICE)
-            lease = await self.budget.reserve(size)  # given back once handed to gRPC
+            call = read_sample(request, served.limits, self._caller(context),
+                               convert.deadline_of(context))
+            lease = await self.budget.reserve(call.cost.response_bytes)  # back once sent
             try:
-                output, timing = await served.engine.forward_and_sample(
-                    tokens, sampling, convert.seed_of(request),
-                    deadline=convert.deadline_of(context),
-                )
+                output, timing = await served.engine.forward_and_sample(call)
                 tracing.engine_done(timing)
                 metadata = convert.metadata_to_proto(timing)
                 return await self._build(
-                    convert.forward_and_sample_response, output, dtype, metadata
+                    convert.forward_and_sample_response, output, wire_dtype(call.dtype),
+                    metadata,
                 )
             finally:
                 lease.release()
@@ -294,34 +273,28 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
 
     async def Embed(self, request_iterator, context) -> None:
         """Bulk embeddings: a keyed stream with ``embed_window`` requests outstanding."""
-        await self._keyed_stream(
-            "Embed", request_iterator, context, self._embed_one, pb.EmbedResponse,
-            self._config.embed_window,
-        )
+        caller = self._caller(context)
 
-    async def _embed_one(self, request: pb.EmbedRequest, deadline: float | None) -> Leased:
-        served = self._ready
-        tokens = convert.tokens_from_request(request, self._max_tokens)
-        config = convert.embed_config_from_proto(request, served.model.config.n_layers)
-        dtype = convert.output_dtype(request.output_dtype)
-        layers = [0] if config.needs_hidden_states else []
-        size = convert.logits_response_bytes(config, layers, len(tokens), served.shapes, dtype)
-        self._check_size(size + len(request.id.encode()), convert.EMBED_SIZE_ADVICE)
-        lease = await self.budget.reserve(size)  # given back once written (Leased)
-        try:
-            result = await served.engine.logits(
-                tokens, config, deadline=deadline, dtype=convert.torch_dtype(dtype)
-            )
-            tracing.engine_done(result.timing, request.id)
-            metadata = convert.metadata_to_proto(result.timing)
-            data = await self._build(
-                convert.embed_response_serialized, request.id, result.output, config, dtype,
-                metadata,
-            )
-        except BaseException:
-            lease.release()
-            raise
-        return Leased(data, lease)
+        async def one(request: pb.EmbedRequest, deadline: float | None) -> Leased:
+            served = self._ready
+            call = read_embed(request, served.limits, caller, deadline)
+            lease = await self.budget.reserve(call.cost.response_bytes)  # back once written
+            try:
+                result = await served.engine.logits(call)
+                tracing.engine_done(result.timing, request.id)
+                metadata = convert.metadata_to_proto(result.timing)
+                data = await self._build(
+                    convert.embed_response_serialized, request.id, result.output, call.config,
+                    wire_dtype(call.dtype), metadata,
+                )
+            except BaseException:
+                lease.release()
+                raise
+            return Leased(data, lease)
+
+        await self._keyed_stream(
+            "Embed", request_iterator, context, one, pb.EmbedResponse, self._config.embed_window
+        )
 
     # -- Generate: server stream ----------------------------------------------------------------
 
@@ -332,6 +305,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         The deadline covers the whole stream; a client that cancels, goes away or stops
         reading closes the engine's iterator, which drops the generation before its next step.
         """
+        self._caller(context)
         outcome = Outcome(self.metrics, "Generate")
         try:
             await self._generate(request, context)
@@ -345,22 +319,16 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
 
     async def _generate(self, request: pb.GenerateRequest, context) -> None:
         served = self._ready
-        tokens = convert.tokens_from_request(request, self._max_tokens)
-        if not bool((tokens[1:-1] == tokenizer.MASK_ID).any()):
-            raise InvalidRequest(
-                "protein has no masked position ('_' or <mask>): there is nothing to generate"
-            )
-        config = convert.generation_config_from_proto(request.config)
-        events = served.engine.generate(
-            tokens, config, convert.seed_of(request), deadline=convert.deadline_of(context)
-        )
-        totals = _StreamTotals()
+        call = read_generate(request, served.limits, self._caller(context),
+                             convert.deadline_of(context))
+        events = served.engine.generate(call)
+        timings: list[Timing] = []
         last_sent = None
-        step_bytes = 1024 + STEP_BYTES_PER_TOKEN * len(tokens)  # an upper bound per message
+        step_bytes = 1024 + STEP_BYTES_PER_TOKEN * len(call.tokens)  # an upper bound per message
         try:
             async for event in events:
                 if last_sent is None or event.step.step != last_sent.step:
-                    totals.add(event.timing)
+                    timings.append(event.timing)
                     tracing.engine_done(event.timing)
                     metadata = convert.metadata_to_proto(event.timing)
                     response = await self._leased(
@@ -369,9 +337,10 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
                     await self.write(context, response)
                     last_sent = event.step
                 if event.final or event.step.done:
+                    total = combine_timings(timings, concurrent=False)
                     final = await self._leased(
                         step_bytes, convert.generation_final_response, event.step,
-                        totals.metadata(),
+                        convert.metadata_to_proto(total),
                     )
                     await self.write(context, final)
                     return
@@ -379,27 +348,26 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             await events.aclose()
 
 
-class _StreamTotals:
-    """Metadata of a whole generation: summed times, the last forward's batch, steps taken."""
-
-    def __init__(self):
-        self.queue_ms = 0.0
-        self.compute_ms = 0.0
-        self.forwards = 0
-        self.last = None
-
-    def add(self, timing) -> None:
-        self.queue_ms += timing.queue_ms
-        self.compute_ms += timing.compute_ms
-        self.forwards += timing.forwards
-        self.last = timing
-
-    def metadata(self) -> pb.ResponseMetadata:
-        return pb.ResponseMetadata(
-            queue_ms=self.queue_ms,
-            compute_ms=self.compute_ms,
-            batch_size=self.last.batch_size,
-            batch_tokens=self.last.batch_tokens,
-            forwards=self.forwards,
-        )
-
+def info_response(info: ServerInfo) -> pb.InfoResponse:
+    batching = info.batching
+    return pb.InfoResponse(
+        model_name=info.model_name,
+        d_model=info.d_model,
+        n_heads=info.n_heads,
+        n_layers=info.n_layers,
+        vocabulary=list(info.vocabulary),
+        max_length=info.max_length,
+        dtype=info.dtype,
+        device=info.device,
+        batching=pb.BatchingLimits(
+            max_batch_tokens=batching.max_batch_tokens,
+            max_batch_size=batching.max_batch_size,
+            max_wait_ms=batching.max_wait_ms,
+            max_queue=batching.max_queue,
+            packed=batching.packed,
+        ),
+        max_message_bytes=info.max_message_bytes,
+        server_version=info.server_version,
+        logits_width=info.logits_width,
+        trained_context=info.trained_context,
+    )
