@@ -17,6 +17,12 @@
 # The esm extra installs the official esm package with --no-deps: esm 3.2.1.post1 pins
 # transformers<4.48.2 and would replace this project's transformers and torch; its runtime
 # needs come from the extra itself.
+#
+# The test extra also installs what the test suite runs besides Python packages of its own:
+#   faesm 0.1.1 (--no-deps: a peer of the forward benchmarks; its needs are already here),
+#   buf (npm ci --prefix tools: the wire contract's compatibility check; needs npm),
+#   promtool and prometheus (the alert rules' tests; Debian's package prometheus, installed
+#   with apt-get when running as root, otherwise the script stops and names the command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,4 +58,24 @@ pip install torch==2.13.0 "${index[@]}"
 pip install -e ".[$extras]"
 if [[ ",$extras," == *,esm,* ]]; then
     pip install --no-deps esm==3.2.1.post1
+fi
+if [[ ",$extras," == *,test,* ]]; then
+    pip install --no-deps faesm==0.1.1
+    { set +x; } 2>/dev/null
+    if ! command -v npm >/dev/null; then
+        echo "tools/setup.sh: the tests need npm (for buf): install Node.js, e.g. apt-get install npm" >&2
+        exit 2
+    fi
+    if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+        if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+            set -x
+            apt-get update -q
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+        else
+            echo "tools/setup.sh: the tests need promtool and prometheus: sudo apt-get install prometheus" >&2
+            exit 2
+        fi
+    fi
+    set -x
+    npm ci --prefix tools --no-audit --no-fund
 fi
