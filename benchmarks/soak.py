@@ -267,27 +267,10 @@ class _NoSecrets:
                 "--auth-tokens-file", "tokens.txt"]
 
 
-def print_summary(summary: dict) -> None:
-    goals = summary["goals"]
-    print(f"soak: {summary['load_s']} s of load, {summary['codes']['calls']} calls "
-          f"({summary['codes']['mischief_calls']} mischief); machine: "
-          f"{summary['machine']['uptime_before']} -> {summary['machine']['uptime_after']}")
-    for key, value in goals.items():
-        print(f"  {key}: {value}")
-    print(f"  calls by code: {summary['codes']['by_code']}")
-    for fault in summary["faults"]:
-        print(f"  fault {fault['fault']} r{fault['replica']} at {fault['at_s']} s: "
-              f"recovery {fault['recovery_s']} s; {fault['detail']}")
-    for failure in summary["codes"]["steady_failures"][:10]:
-        print(f"  steady failure: {failure}")
-    for bad in summary["codes"]["internal_or_unknown_calls"][:10]:
-        print(f"  INTERNAL/UNKNOWN: {bad}")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     summary = asyncio.run(run(args))
-    print_summary(summary)
+    print(report.markdown(summary))
     print(f"wrote {Path(args.out) / 'soak.json'} and {Path(args.out) / 'soak.png'}")
     return 0
 

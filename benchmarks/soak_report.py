@@ -258,3 +258,67 @@ def ledger_invariants(ledger: Ledger) -> dict:
         "generations_failed": ledger.generations["failed"],
         "differences": ledger.differences[:20],
     }
+
+
+def markdown(summary: dict) -> str:
+    """The summary's figures as markdown tables (what docs and results show)."""
+    goals, inv, codes = summary["goals"], summary["invariants"], summary["codes"]
+    lines = [
+        f"`{summary['command']}`: {summary['load_s']} s of load, {codes['calls']} calls "
+        f"({codes['mischief_calls']} of them mischief); `uptime` before: "
+        f"{summary['machine']['uptime_before']}; after: {summary['machine']['uptime_after']}",
+        "",
+        "| figure | value | goal |",
+        "| --- | ---: | --- |",
+        f"| calls answered INTERNAL or UNKNOWN | {goals['internal_or_unknown']} | 0 |",
+        f"| bulk ids lost / answered twice (of {inv['bulk_ids']} in {inv['bulk_runs']} bulk "
+        f"embeds) | {inv['bulk_ids_lost']} / {inv['bulk_ids_duplicated']} | 0 / 0 |",
+        f"| bulk embeddings differing from the undisturbed run | "
+        f"{inv['bulk_embeddings_differing']} | 0 |",
+        f"| seeded generations differing (of {inv['generations']}; failed: "
+        f"{inv['generations_failed']}) | {inv['generations_differing']} | 0 |",
+        f"| largest RSS slope, MB/min | {goals['max_rss_slope_mb_per_min']} | <= 5 |",
+        f"| worst small-request p99 outside fault windows, ms | "
+        f"{goals['worst_small_p99_ms_outside_faults']} | reported |",
+        "",
+        "Calls by code: " + ", ".join(f"{k} {v}" for k, v in codes["by_code"].items()),
+        "",
+        "| fault | replica | at s | action done after s | recovery s | detail |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for f in summary["faults"]:
+        lines.append(f"| {f['fault']} | {'all' if f['replica'] is None else f['replica']} | "
+                     f"{f['at_s']} | {f['action_done_s']} | {f['recovery_s']} | {f['detail']} |")
+    lines += ["", "| replica | pid | lifetime s | ended by | RSS MB first / last / max | "
+                  "RSS slope MB/min | descriptors first / last / max |",
+              "| ---: | ---: | ---: | --- | --- | ---: | --- |"]
+    for p in summary["processes"]:
+        lines.append(
+            f"| {p['replica']} | {p['pid']} | {p['lifetime_s']} | {p['how_it_ended']} | "
+            f"{p['rss_mb_first']} / {p['rss_mb_last']} / {p['rss_mb_max']} | "
+            f"{p['rss_slope_mb_per_min'] if p['rss_slope_mb_per_min'] is not None else '-'} | "
+            f"{p['fds_first']} / {p['fds_last']} / {p['fds_max']} |")
+    lines += ["", "| small requests outside fault windows | calls | p50 ms | p99 ms | max ms |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for method, m in summary["latency"]["outside_fault_windows"].items():
+        lines.append(
+            f"| {method} | {m['calls']} | {m['p50_ms']} | {m['p99_ms']} | {m['max_ms']} |"
+        )
+    if codes["steady_failures"] or codes["mischief_unexpected_codes"]:
+        lines += ["", "| what | method | code | message | count |",
+                  "| --- | --- | --- | --- | ---: |"]
+        for f in codes["steady_failures"]:
+            lines.append(f"| steady call failed | {f['method']} | {f['code']} | {f['message']} | "
+                         f"{f['count']} |")
+        for f in codes["mischief_unexpected_codes"]:
+            lines.append(f"| mischief '{f['kind']}' | {f['method']} | {f['code']} | "
+                         f"{f['message']} | {f['count']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    with open(sys.argv[1]) as handle:
+        print(markdown(json.load(handle)))
