@@ -2,33 +2,72 @@
 #   docker build -t esmc-serve .
 #   docker run --gpus all -p 50051:50051 -p 9090:9090 esmc-serve
 # Settings: flags after the image name (e.g. --model esmc-300m) or ESMC_* environment variables.
-FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
+#
+# Build arguments:
+#   BASE_IMAGE       a CUDA runtime image (Debian or Ubuntu, apt, no Python needed)
+#   TORCH_INDEX_URL  where the CUDA build of torch comes from (and its dependencies)
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_TRUSTED_HOST  the index for everything else
+#     (a mirror); or PIP_CONFIG_FILE, a pip.conf the build mounts (a proxy's CA, say).
+#     Read by pip during the build only, never stored in the image.
+# Layers of the final image: base, Python and the user, dependencies, the project.
+ARG BASE_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
+# --- dependencies: a virtual environment with torch and the project's requirements ----------
+FROM ${BASE_IMAGE} AS deps
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
-
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
+ARG PIP_CONFIG_FILE
 ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+# torch first, from the CUDA index, so that the project's `torch>=` range is already met.
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+# The requirements of `.[server]`, read from pyproject.toml alone: this layer is rebuilt
+# only when they change, not when the source does.
+COPY pyproject.toml /src/pyproject.toml
+RUN python3 -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# --- the project, built as a wheel (its build tools stay in this stage) ------------------------
+FROM deps AS wheel
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
+ARG PIP_CONFIG_FILE
+COPY pyproject.toml README.md /src/
+COPY esmc /src/esmc
+COPY server /src/server
+COPY client /src/client
+COPY protos /src/protos
+RUN pip wheel --no-deps --wheel-dir /wheels /src
+
+# --- the image: base + Python and user + the dependencies' venv + the project -----------------
+FROM ${BASE_IMAGE}
+ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
-
+# The interpreter only (the venv's pip came with the venv); no apt lists or caches left.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
-
-# torch first, from the CUDA index, so that the project's `torch>=` range is already met.
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
-
-WORKDIR /app
-COPY . /app
-RUN pip install ".[server]"
-
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
+    && useradd --create-home --no-log-init --uid 10001 esmc
+COPY --from=deps /opt/venv /opt/venv
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install --no-deps --no-index /wheels/esmc_serve-*.whl
 # Non-root user; downloaded weights go to its Hugging Face cache (mount a volume there to keep them).
-RUN useradd --create-home --uid 10001 esmc
 USER esmc
 ENV HF_HOME=/home/esmc/.cache/huggingface
 

@@ -4,8 +4,11 @@ Manifests: every document validates against the Kubernetes OpenAPI schemas bundl
 ``kubernetes-validate`` (strict: unknown fields fail), and the pieces agree with each other and
 with the server (the container's arguments parse as ``esmc serve`` flags, probes hit the
 health port, the drain fits the termination grace period, selectors match the pods).
-Dockerfiles: pinned base images, every file they copy exists and is not docker-ignored, and
-every ``pip install`` they run is one the README or docs/ documents.
+Dockerfiles: the base image a build argument whose default is pinned, stages in the order
+dependencies -> wheel -> image (the image copies the venv and installs the wheel, never the
+build context), pip's index left to the build, every file they copy exists and is not
+docker-ignored, and torch is the documented version from the documented index.
+deploy/container/check.sh builds and runs them.
 """
 
 from __future__ import annotations
@@ -170,6 +173,17 @@ def build_args(instructions) -> dict[str, str]:
     )
 
 
+def stages(instructions) -> list[list[tuple[str, str]]]:
+    """The instructions of each build stage (each FROM starts one)."""
+    out: list[list[tuple[str, str]]] = []
+    for instruction, rest in instructions:
+        if instruction == "FROM":
+            out.append([])
+        if out:
+            out[-1].append((instruction, rest))
+    return out
+
+
 def readme_commands() -> set[str]:
     """Every command of the bash blocks of the README and docs/*.md (split at ``&&``,
     comments dropped)."""
@@ -189,46 +203,80 @@ def readme_commands() -> set[str]:
 
 
 def dockerignored(relative: str) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parents decides
+    (``!pattern`` keeps it)."""
     patterns = [
         line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     parts = Path(relative).parts
-    return any(
-        fnmatch.fnmatch(relative, p) or any(fnmatch.fnmatch(part, p) for part in parts)
-        for p in patterns
-    )
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        pattern = pattern.lstrip("!").removeprefix("**/")
+        if any(fnmatch.fnmatch(prefix, pattern) or fnmatch.fnmatch(Path(prefix).name, pattern)
+               for prefix in prefixes):
+            ignored = not keep
+    return ignored
+
+
+def test_dockerignore_keeps_the_project_and_leaves_out_the_rest():
+    for kept in ("pyproject.toml", "README.md", "esmc/shipped/esmc-tiny.safetensors",
+                 "server/esmc_server/app.py", "client/esmc_client/client.py", "protos/esmc_proto"):
+        assert not dockerignored(kept), kept
+    for left_out in (".git", ".venv", "tests/test_deploy.py", "benchmarks", "deploy/kubernetes",
+                     "server/esmc_server/__pycache__/app.cpython-311.pyc", "runs/x.npz"):
+        assert dockerignored(left_out), left_out
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
-def test_dockerfile_is_pinned_copies_what_exists_and_installs_what_the_readme_says(name):
+def test_dockerfile_is_pinned_layered_copies_what_exists_and_installs_what_the_readme_says(name):
     instructions = dockerfile_instructions(ROOT / name)
     args = build_args(instructions)
-    (base,) = [rest for instruction, rest in instructions if instruction == "FROM"]
-    image, _, tag = base.partition(":")
-    assert tag and tag != "latest" and re.search(r"\d+\.\d+\.\d+", tag), base  # a full version
+    # the base image is a build argument whose default is a pinned official image
+    base = args["BASE_IMAGE"]
+    _image, _, tag = base.partition(":")
+    assert tag and tag != "latest" and re.search(r"\d+\.\d+\.\d+", tag), base
+    deps, wheel, final = stages(instructions)
+    assert deps[0] == ("FROM", "${BASE_IMAGE} AS deps") and final[0] == ("FROM", "${BASE_IMAGE}")
+    assert wheel[0] == ("FROM", "deps AS wheel")
+    # the package index is the build's: pip's settings are build arguments of the stages
+    # that download, and none of them is an ENV (which would stay in the image)
+    for stage in (deps, wheel):
+        declared = {rest for instruction, rest in stage if instruction == "ARG"}
+        assert {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CONFIG_FILE"} <= declared
+    env = " ".join(rest for instruction, rest in instructions if instruction == "ENV")
+    assert "PIP_INDEX_URL" not in env and "PIP_CONFIG_FILE" not in env
+    # dependencies before the source: the deps stage copies pyproject.toml alone
+    copies = [rest for instruction, rest in deps if instruction == "COPY"]
+    assert copies == ["pyproject.toml /src/pyproject.toml"]
+    # the image gets the venv and the wheel from the stages, never the build context
+    assert [rest for instruction, rest in final if instruction == "COPY"] == [
+        "--from=deps /opt/venv /opt/venv"
+    ]
+    assert any("from=wheel" in rest and "--no-index" in rest for i, rest in final if i == "RUN")
+    assert ("USER", "esmc") in final
     # COPY sources exist and are in the build context
     for instruction, rest in instructions:
-        if instruction == "COPY":
+        if instruction == "COPY" and not rest.startswith("--from"):
             *sources, _destination = shlex.split(rest)
             for source in sources:
                 assert (ROOT / source).exists(), source
-                assert source == "." or not dockerignored(source), source
-    # what `pip install .` needs is in the build context
+                assert not dockerignored(source), source
+    # what building the wheel needs is in the build context
     pyproject = (ROOT / "pyproject.toml").read_text()
     needed = ["pyproject.toml", "README.md", "esmc/shipped/esmc-tiny.safetensors"]
-    needed += re.findall(r'"(?:esmc|esmc_server|esmc_client)" = "([^"]+)"', pyproject)
+    needed += re.findall(r'"(?:esmc|esmc_server|esmc_client|esmc_proto|esmc_ray)" = "([^"]+)"', pyproject)
+    copied = {source for i, rest in wheel if i == "COPY" for source in shlex.split(rest)[:-1]}
     for relative in needed:
         assert (ROOT / relative).exists() and not dockerignored(relative), relative
-    # every pip install is one the docs show; torch is the README's version
+        assert {relative, relative.split("/")[0]} & copied, relative
+    # torch is the documented version from the documented index
     commands = readme_commands()
-    installs = []
-    for instruction, rest in instructions:
-        if instruction == "RUN" and "pip install" in rest:
-            for command in rest.split("&&"):
-                expanded = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], command)
-                installs.append(" ".join(shlex.split(expanded)))
-    assert installs and all(c in commands for c in installs), set(installs) - commands
+    (torch,) = [rest for instruction, rest in deps if instruction == "RUN" and "torch==" in rest]
+    expanded = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], torch.removeprefix("RUN "))
+    assert " ".join(shlex.split(expanded)) in commands
     pins = set(re.findall(r"torch==([\d.]+)", "\n".join(commands)))
     assert pins == {args["TORCH_VERSION"]}, pins
 
