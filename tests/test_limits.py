@@ -217,4 +217,4 @@ def test_every_serve_flag_shows_its_default():
     for flag in ("--max-request-bytes", "--max-connections", "--http-idle-timeout-s",
                  "--max-unread-response-bytes", "--max-stream-ids", "--so-reuseport"):
         assert flag in text
-    assert "(default 134217728)" in " ".join(text.split())
+    assert "(default 67108864)" in " ".join(text.split())

@@ -167,3 +167,27 @@ async def test_stream_ids_are_bounded_server_wide_and_counted(model):
 async def _twice(request_id: str):
     for _ in range(2):
         yield pb.EmbedRequest(id=request_id, protein=pb.ESMProtein(sequence="MKT"))
+
+
+@pytest.mark.unit
+async def test_many_waiters_cancelled_together_leave_the_budget_consistent():
+    """Waiters cancelled while others are granted (a stream ending with requests waiting)
+    end cancelled, nothing else, and the budget counts exactly what is held."""
+    budget = ResponseBudget(100)
+    held = await budget.reserve(100)
+    waiters = [asyncio.create_task(budget.reserve(30)) for _ in range(20)]
+    await asyncio.sleep(0)
+    for task in waiters[:10]:
+        task.cancel()  # their futures are cancelled before the tasks resume
+    held.release()  # _grant runs past the cancelled entries
+    await asyncio.sleep(0)
+    cancelled = await asyncio.gather(*waiters[:10], return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in cancelled)
+    granted = [t for t in waiters[10:] if t.done()]
+    assert len(granted) == 3 and budget.used == 90
+    for task in waiters[13:]:
+        task.cancel()
+    await asyncio.gather(*waiters[13:], return_exceptions=True)
+    for task in granted:
+        task.result().release()
+    assert budget.used == 0 and not budget._waiting

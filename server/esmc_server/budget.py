@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hashlib
 from collections.abc import Callable
@@ -81,7 +82,8 @@ class ResponseBudget:
             if future.done() and not future.cancelled():
                 self._give_back(nbytes)  # granted as it was cancelled
             else:
-                self._waiting.remove(entry)
+                with contextlib.suppress(ValueError):  # _grant may have dropped it already
+                    self._waiting.remove(entry)
                 self._grant()
             raise
         return Lease(self, nbytes)

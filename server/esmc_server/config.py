@@ -92,7 +92,7 @@ class ServerConfig:
     max_connections: int | None = None  # per listener (None: connection_limit, below the fd limit)
     http_idle_timeout_s: float = 15.0  # an HTTP connection with no complete request is closed
     http_body_timeout_s: float = 30.0  # an HTTP request body must arrive within this
-    max_unread_response_bytes: int = 128 * 1024 * 1024  # written, not yet read: all streams
+    max_unread_response_bytes: int = 64 * 1024 * 1024  # reserved, not yet written: all calls
     max_stream_ids: int = 1_000_000  # ids one keyed stream remembers (uniqueness); then refused
 
     def __post_init__(self) -> None:
