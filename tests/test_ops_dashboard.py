@@ -93,7 +93,7 @@ def test_the_json_is_what_the_generator_writes():
     titles = {p["title"] for p in dashboard()["panels"]}
     for needed in ("Traffic by method", "Errors by code", "Latency by method", "Batch size",
                    "Forwards and tokens", "Queue depth", "Generations in progress",
-                   "Resident memory"):
+                   "Resident memory", "Requests by caller", "Token-forwards by caller"):
         assert needed in titles
 
 

@@ -124,6 +124,30 @@ PANELS = [
                      f"sum (rate(esmc_generation_steps_per_forward_count{{{SEL}}}[{RATE}]))",
                      "steps/forward"),
           ], width=8),
+    row("Callers"),
+    panel("Requests by caller", "Requests answered per second, by caller (the token's name, "
+          "or anonymous without auth).", [
+              target(f"sum by (caller) (rate(esmc_caller_requests_total{{{SEL}}}[{RATE}]))",
+                     "{{caller}}"),
+          ], unit="reqps", width=8),
+    panel("Refused by caller", "Requests of each caller that did not end OK, by code "
+          "(RESOURCE_EXHAUSTED: the caller is over its share or the limits).", [
+              target(f'sum by (caller, code) (rate(esmc_caller_requests_total{{{SEL}, code!="OK"}}[{RATE}]))',
+                     "{{caller}} {{code}}"),
+          ], unit="reqps", width=8),
+    panel("Token-forwards by caller", "Cost admitted per second (tokens x forwards of each "
+          "call), by caller: who uses the device.", [
+              target(f"sum by (caller) (rate(esmc_caller_token_forwards_total{{{SEL}}}[{RATE}]))",
+                     "{{caller}}"),
+          ], width=8),
+    panel("Tokens by caller", "Tokens forwarded per second, by caller.", [
+        target(f"sum by (caller) (rate(esmc_caller_tokens_total{{{SEL}}}[{RATE}]))", "{{caller}}"),
+    ], width=12),
+    panel("Queue wait by caller", "p99 wait for a forward, by caller (fair sharing keeps these "
+          "close).", [
+              target(f"histogram_quantile(0.99, sum by (caller, le) "
+                     f"(rate(esmc_caller_queue_time_seconds_bucket{{{SEL}}}[{RATE}])))", "{{caller}}"),
+          ], unit="s", width=12),
     row("Process"),
     panel("Resident memory", "process_resident_memory_bytes (alert EsmcMemoryGrowing).", [
         target(f"process_resident_memory_bytes{{{SEL}}}", "{{instance}}"),
