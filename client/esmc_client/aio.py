@@ -53,11 +53,14 @@ class AsyncESMCClient(AsyncScoringCalls, ClientBase):
             return None
         return await asyncio.to_thread(self._transport_error, error)
 
-    async def _unary(self, method, request, timeout: float | None):
+    async def _unary(self, method, request, timeout: float | None, model: str | None = None):
+        asked = self._ask(request, model)
         retries = self._retries(timeout)
         while True:
             try:
-                return await method(request, **self._kwargs(retries.remaining()))
+                response = await method(request, **self._kwargs(retries.remaining()))
+                rs.check_answer(asked, response)
+                return response
             except grpc.aio.AioRpcError as rpc:
                 error = rs.rpc_error(rpc, retries.attempts)
                 if (definitive := await self._transport_error_async(error)) is not None:
@@ -69,8 +72,8 @@ class AsyncESMCClient(AsyncScoringCalls, ClientBase):
 
     # --- unary calls ----------------------------------------------------------------------
 
-    async def info(self, *, timeout: float | None = None) -> ServerInfo:
-        return rs.parse_info(await self._unary(self._stub.Info, pb.InfoRequest(), timeout))
+    async def info(self, *, model: str | None = None, timeout: float | None = None) -> ServerInfo:
+        return rs.parse_info(await self._unary(self._stub.Info, pb.InfoRequest(), timeout, model))
 
     async def encode(self, protein: ProteinLike, *, timeout: float | None = None):
         request = pb.EncodeRequest(protein=pb.ESMProtein(sequence=sequence_text(protein)))
@@ -86,10 +89,11 @@ class AsyncESMCClient(AsyncScoringCalls, ClientBase):
         config: Any = None,
         *,
         output_dtype: str = "float32",
+        model: str | None = None,
         timeout: float | None = None,
     ) -> LogitsOutput:
         request = rq.logits_request(protein, config, output_dtype)
-        return rs.parse_logits(await self._unary(self._stub.Logits, request, timeout))
+        return rs.parse_logits(await self._unary(self._stub.Logits, request, timeout, model))
 
     async def forward_and_sample(
         self,
@@ -98,11 +102,12 @@ class AsyncESMCClient(AsyncScoringCalls, ClientBase):
         *,
         seed: int | None = None,
         output_dtype: str = "float32",
+        model: str | None = None,
         timeout: float | None = None,
     ) -> ForwardAndSampleOutput:
         request = rq.forward_and_sample_request(protein, sampling_config, seed, output_dtype)
         return rs.parse_forward_and_sample(
-            await self._unary(self._stub.ForwardAndSample, request, timeout)
+            await self._unary(self._stub.ForwardAndSample, request, timeout, model)
         )
 
     # --- generation -----------------------------------------------------------------------
@@ -113,16 +118,19 @@ class AsyncESMCClient(AsyncScoringCalls, ClientBase):
         config: Any = None,
         seed: int | None = None,
         *,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[GenerateStep]:
         """See :meth:`ESMCClient.generate_stream`."""
         request = rq.generate_request(protein, config, replay_seed(seed))
+        asked = self._ask(request, model)
         retries = self._retries(timeout)
         replay = GenerationReplay()
         while True:
             call = self._stub.Generate(request, **self._kwargs(retries.remaining()))
             try:
                 async for message in call:
+                    rs.check_model(asked, message.metadata.model)
                     step = rs.parse_generate(message)
                     if replay.accept(step):
                         yield step
@@ -145,10 +153,11 @@ class AsyncESMCClient(AsyncScoringCalls, ClientBase):
         config: Any = None,
         seed: int | None = None,
         *,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> ESMProtein:
         final = None
-        async for step in self.generate_stream(protein, config, seed, timeout=timeout):
+        async for step in self.generate_stream(protein, config, seed, model=model, timeout=timeout):
             final = step if step.final else final
         return check_final(final)
 
@@ -189,11 +198,13 @@ class AsyncESMCClient(AsyncScoringCalls, ClientBase):
         concurrency: int = 4,
         max_in_flight: int = 64,
         progress: bool = False,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> list[EmbedResult]:
         """See :meth:`ESMCClient.embed`."""
         items, chunks = self._embed_chunks(
-            sequences, batch_size, max_in_flight, layer=layer, pool=pool, output_dtype=output_dtype
+            sequences, batch_size, max_in_flight, layer=layer, pool=pool, output_dtype=output_dtype,
+            model=self.model if model is None else model,
         )
         results: list[EmbedResult | None] = [None] * len(items)
         gate = asyncio.Semaphore(max(1, concurrency))

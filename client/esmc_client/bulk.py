@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_client.requests import ProteinLike, embed_request
-from esmc_client.responses import parse_embed
+from esmc_client.responses import check_model, parse_embed
 from esmc_client.retry import RetryBudget, RetryPolicy, retryable
 from esmc_client.types import EmbedResult, ESMCError, ResponseMetadata
 
@@ -75,6 +75,8 @@ class EmbedChunk:
         entry = self._sent.pop(message.id, None)
         if entry is None:
             return None
+        if not message.HasField("error"):
+            check_model(entry.request.model, message.metadata.model)
         result = parse_embed(message, entry.id, entry.attempts)
         if result.error is None or result.error.code != "UNAVAILABLE":
             self._outage_since = None  # the server answers: progress

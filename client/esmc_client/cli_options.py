@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from esmc_client.client import ESMCClient
 
 TARGET_ENV = "ESMC_TARGET"
+MODEL_ENV = "ESMC_MODEL"
 TOKEN_ENV = "ESMC_TOKEN"
 TLS_ENV = "ESMC_TLS"
 TLS_CA_ENV = "ESMC_TLS_CA"
@@ -74,6 +75,9 @@ def common_options(target: str | None = None, environ: Mapping[str, str] = os.en
     common.add_argument("--target", default=target,
                         help=f"server, host:port or dns:///host:port (default ${TARGET_ENV}, "
                         f"else {DEFAULT_TARGET}; now {target})")
+    common.add_argument("--model", default=environ.get(MODEL_ENV) or None,
+                        help=f"the served model to use (default ${MODEL_ENV}, else the server's "
+                        "default model); an answer from another model is an error")
     common.add_argument("--timeout", type=float, default=None,
                         help="deadline per call in seconds (default: none)")
     common.add_argument("-v", "--verbose", action="store_true",
@@ -154,7 +158,7 @@ def connect(args: argparse.Namespace, retry: RetryPolicy | None = None) -> ESMCC
     try:
         return ESMCClient(args.target, retry=retry, token=args.token or None, tls=args.tls,
                           root_certificates=args.tls_ca, client_certificate=args.tls_cert,
-                          client_key=args.tls_key)
+                          client_key=args.tls_key, model=getattr(args, "model", None))
     except (ValueError, OSError) as error:
         raise RunError(str(error)) from None
 

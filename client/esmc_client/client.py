@@ -81,11 +81,14 @@ class ESMCClient(ScoringCalls, ClientBase):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _unary(self, method, request, timeout: float | None):
+    def _unary(self, method, request, timeout: float | None, model: str | None = None):
+        asked = self._ask(request, model)
         retries = self._retries(timeout)
         while True:
             try:
-                return method(request, **self._kwargs(retries.remaining()))
+                response = method(request, **self._kwargs(retries.remaining()))
+                rs.check_answer(asked, response)
+                return response
             except grpc.RpcError as rpc:
                 error = rs.rpc_error(rpc, retries.attempts)
                 if (definitive := self._transport_error(error)) is not None:
@@ -97,8 +100,8 @@ class ESMCClient(ScoringCalls, ClientBase):
 
     # --- unary calls ----------------------------------------------------------------------
 
-    def info(self, *, timeout: float | None = None) -> ServerInfo:
-        return rs.parse_info(self._unary(self._stub.Info, pb.InfoRequest(), timeout))
+    def info(self, *, model: str | None = None, timeout: float | None = None) -> ServerInfo:
+        return rs.parse_info(self._unary(self._stub.Info, pb.InfoRequest(), timeout, model))
 
     def encode(self, protein: ProteinLike, *, timeout: float | None = None):
         """Sequence -> token ids (``<cls> ... <eos>``), an int64 array."""
@@ -116,11 +119,12 @@ class ESMCClient(ScoringCalls, ClientBase):
         config: Any = None,
         *,
         output_dtype: str = "float32",
+        model: str | None = None,
         timeout: float | None = None,
     ) -> LogitsOutput:
         """One protein's outputs; ``config`` a :class:`LogitsConfig` (None: logits only)."""
         request = rq.logits_request(protein, config, output_dtype)
-        return rs.parse_logits(self._unary(self._stub.Logits, request, timeout))
+        return rs.parse_logits(self._unary(self._stub.Logits, request, timeout, model))
 
     def forward_and_sample(
         self,
@@ -129,11 +133,12 @@ class ESMCClient(ScoringCalls, ClientBase):
         *,
         seed: int | None = None,
         output_dtype: str = "float32",
+        model: str | None = None,
         timeout: float | None = None,
     ) -> ForwardAndSampleOutput:
         request = rq.forward_and_sample_request(protein, sampling_config, seed, output_dtype)
         return rs.parse_forward_and_sample(
-            self._unary(self._stub.ForwardAndSample, request, timeout)
+            self._unary(self._stub.ForwardAndSample, request, timeout, model)
         )
 
     # --- generation -----------------------------------------------------------------------
@@ -144,6 +149,7 @@ class ESMCClient(ScoringCalls, ClientBase):
         config: Any = None,
         seed: int | None = None,
         *,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> Iterator[GenerateStep]:
         """Yield each step (``step`` 1..``num_steps``), then the final message (``final``,
@@ -156,12 +162,14 @@ class ESMCClient(ScoringCalls, ClientBase):
         client picks one so that this is possible.
         """
         request = rq.generate_request(protein, config, replay_seed(seed))
+        asked = self._ask(request, model)
         retries = self._retries(timeout)
         replay = GenerationReplay()
         while True:
             call = self._stub.Generate(request, **self._kwargs(retries.remaining()))
             try:
                 for message in call:
+                    rs.check_model(asked, message.metadata.model)
                     step = rs.parse_generate(message)
                     if replay.accept(step):
                         yield step
@@ -184,10 +192,11 @@ class ESMCClient(ScoringCalls, ClientBase):
         config: Any = None,
         seed: int | None = None,
         *,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> ESMProtein:
         """The finished protein of an iterative generation."""
-        return final_protein(self.generate_stream(protein, config, seed, timeout=timeout))
+        return final_protein(self.generate_stream(protein, config, seed, model=model, timeout=timeout))
 
     def batch_generate(
         self,
@@ -230,6 +239,7 @@ class ESMCClient(ScoringCalls, ClientBase):
         concurrency: int = 4,
         max_in_flight: int = 64,
         progress: bool = False,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> list[EmbedResult]:
         """Embed many proteins over ``Embed`` streams; one result per input, in input order.
@@ -251,7 +261,8 @@ class ESMCClient(ScoringCalls, ClientBase):
         within the retry budget (:mod:`esmc_client.bulk`).
         """
         items, chunks = self._embed_chunks(
-            sequences, batch_size, max_in_flight, layer=layer, pool=pool, output_dtype=output_dtype
+            sequences, batch_size, max_in_flight, layer=layer, pool=pool, output_dtype=output_dtype,
+            model=self.model if model is None else model,
         )
         results: list[EmbedResult | None] = [None] * len(items)
         lock = threading.Lock()

@@ -42,8 +42,10 @@ class ClientBase:
         root_certificates: bytes | str | os.PathLike | None = None,
         client_certificate: bytes | str | os.PathLike | None = None,
         client_key: bytes | str | os.PathLike | None = None,
+        model: str | None = None,
     ):
         self.target = target
+        self.model = model or ""  # every call's model unless the call names one ("": default)
         self.retry = retry if retry is not None else RetryPolicy()
         self.retry_budget = RetryBudget(self.retry.budget_ratio, self.retry.budget_burst)
         self._wait_for_ready = wait_for_ready
@@ -79,6 +81,15 @@ class ClientBase:
             "wait_for_ready": self._wait_for_ready,
             "metadata": metadata or None,
         }
+
+    def _ask(self, request, model: str | None) -> str:
+        """Name the model in ``request`` (the call's ``model``, else this client's); return
+        the name asked for ("" when none: the server's default)."""
+        name = self.model if model is None else model
+        if name and "model" in request.DESCRIPTOR.fields_by_name:
+            request.model = name
+            return name
+        return ""
 
     def _transport_error(self, error: ESMCError) -> ESMCError | None:
         """For an ``UNAVAILABLE`` that is really a TLS mismatch (this client and the server

@@ -120,6 +120,8 @@ class ESMCGrpcClient(ESMCInferenceClient, ESM3InferenceClient):
         concurrency: calls in flight at once for a batch.
         server_generation: generate on the server (seeded ``Generate`` streams) instead of the
             reference's iterative sampling here over ``logits``.
+        model: the served model every call names (None: the server's default); an answer
+            from another model, or from a server that ignores the name, raises.
         **client_options: passed to :class:`esmc_client.ESMCClient` (``token``, ``tls``,
             ``root_certificates``, ``retry``, ...).
     """
@@ -131,9 +133,10 @@ class ESMCGrpcClient(ESMCInferenceClient, ESM3InferenceClient):
         timeout: float | None = None,
         concurrency: int = 16,
         server_generation: bool = False,
+        model: str | None = None,
         **client_options: Any,
     ):
-        self._client = ESMCClient(target, **client_options)
+        self._client = ESMCClient(target, model=model, **client_options)
         self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
         self.timeout = timeout
         self.server_generation = server_generation

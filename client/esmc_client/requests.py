@@ -88,12 +88,14 @@ def embed_request(
     layer: int | None = -1,
     pool: str | None = "mean",
     output_dtype: str = "float32",
+    model: str = "",
 ) -> pb.EmbedRequest:
     """``layer``: -1 (or None) final embeddings, 0..n-1 a block's output, -2.. from the end."""
     if pool not in POOLINGS:
         raise ValueError(f"pool must be 'mean' or 'none', got {pool!r}")
     request = pb.EmbedRequest(
-        id=request_id, pooling=POOLINGS[pool], output_dtype=output_dtype_enum(output_dtype)
+        id=request_id, pooling=POOLINGS[pool], output_dtype=output_dtype_enum(output_dtype),
+        model=model,
     )
     if layer is not None:
         request.layer = int(layer)

@@ -20,6 +20,7 @@ from esmc_client.types import (
     ForwardTrackData,
     GenerateStep,
     LogitsOutput,
+    ModelInfo,
     ResponseMetadata,
     ServerInfo,
 )
@@ -37,6 +38,62 @@ def parse_metadata(message: pb.ResponseMetadata) -> ResponseMetadata:
         batch_size=message.batch_size,
         batch_tokens=message.batch_tokens,
         forwards=message.forwards,
+        model=message.model,
+        weights_sha256=message.weights_sha256,
+        dtype=message.dtype,
+        server_version=message.server_version,
+    )
+
+
+def check_model(asked: str, answered: str) -> None:
+    """Raise ``FAILED_PRECONDITION`` unless an answer to a call that named ``asked`` says it
+    was served by that model. A server that predates model selection ignores the request's
+    model and names none: its answer came from whatever it serves, so it is refused."""
+    if not asked or answered == asked:
+        return
+    if not answered:
+        raise ESMCError(
+            "FAILED_PRECONDITION",
+            f"asked for model {asked!r} but the server's answer names no model: the server "
+            "predates model selection and answered with the one model it serves",
+        )
+    raise ESMCError(
+        "FAILED_PRECONDITION", f"asked for model {asked!r} but the answer came from {answered!r}"
+    )
+
+
+def check_answer(asked: str, message) -> None:
+    """:func:`check_info` or :func:`check_model` on a response message."""
+    if isinstance(message, pb.InfoResponse):
+        check_info(asked, message)
+    elif "metadata" in message.DESCRIPTOR.fields_by_name:
+        check_model(asked, message.metadata.model)
+
+
+def check_info(asked: str, message: pb.InfoResponse) -> None:
+    """As :func:`check_model` for ``Info``: a server that knows model selection lists its
+    models."""
+    if asked and not message.models:
+        check_model(asked, "")
+
+
+def _batching(b: pb.BatchingLimits) -> BatchingLimits:
+    return BatchingLimits(
+        max_batch_tokens=b.max_batch_tokens,
+        max_batch_size=b.max_batch_size,
+        max_wait_ms=b.max_wait_ms,
+        max_queue=b.max_queue,
+        packed=b.packed,
+    )
+
+
+def parse_model_info(m: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=m.name, aliases=tuple(m.aliases), is_default=m.is_default, d_model=m.d_model,
+        n_heads=m.n_heads, n_layers=m.n_layers, max_length=m.max_length, dtype=m.dtype,
+        devices=tuple(m.devices), batching=_batching(m.batching),
+        weights_sha256=m.weights_sha256, weights_bytes=m.weights_bytes,
+        activation_bytes=m.activation_bytes, trained_context=m.trained_context,
     )
 
 
@@ -62,6 +119,7 @@ def parse_info(message: pb.InfoResponse) -> ServerInfo:
         server_version=message.server_version,
         logits_width=message.logits_width,
         trained_context=getattr(message, "trained_context", 0),  # servers before field 13: 0
+        models=tuple(parse_model_info(m) for m in message.models),
     )
 
 

@@ -192,12 +192,14 @@ class ScoringCalls:
             request = pll_request("", proteins, normalization)
             return parse_pll(self._unary(self._stub.PseudoLogLikelihood, request, timeout))
         requests = [pll_request(str(i), p, normalization) for i, (_, p) in enumerate(items)]
-        return _in_input_order(items, self._pll_stream(iter(requests), timeout))
+        asked = _ask_all(self, requests)
+        return _in_input_order(items, self._pll_stream(iter(requests), timeout, asked))
 
-    def _pll_stream(self, requests: Iterator, timeout) -> dict[str, PseudoLogLikelihood]:
+    def _pll_stream(self, requests: Iterator, timeout,
+                    asked: str = "") -> dict[str, PseudoLogLikelihood]:
         call = self._stub.PseudoLogLikelihoodStream(requests, **self._kwargs(timeout))
         try:
-            return {m.id: parse_pll(m) for m in call}
+            return {m.id: _checked_pll(asked, m) for m in call}
         except grpc.RpcError as rpc:
             error = rs.rpc_error(rpc)
             raise self._transport_error(error) or error from rpc
@@ -233,15 +235,32 @@ class AsyncScoringCalls:
             request = pll_request("", proteins, normalization)
             return parse_pll(await self._unary(self._stub.PseudoLogLikelihood, request, timeout))
         requests = [pll_request(str(i), p, normalization) for i, (_, p) in enumerate(items)]
+        asked = _ask_all(self, requests)
         call = self._stub.PseudoLogLikelihoodStream(_aiter(requests), **self._kwargs(timeout))
         try:
-            results = {m.id: parse_pll(m) async for m in call}
+            results = {m.id: _checked_pll(asked, m) async for m in call}
         except grpc.RpcError as rpc:
             error = rs.rpc_error(rpc)
             raise await self._transport_error_async(error) or error from rpc
         finally:
             call.cancel()
         return _in_input_order(items, results)
+
+
+def _ask_all(client, requests: list) -> str:
+    """Name the client's model in every request; the name asked ("" for the default)."""
+    asked = ""
+    for request in requests:
+        asked = client._ask(request, None)
+    return asked
+
+
+def _checked_pll(asked: str, message: pb.PseudoLogLikelihoodResponse) -> PseudoLogLikelihood:
+    """A stream's answer, refused (:func:`esmc_client.responses.check_model`) when it does not
+    name the model asked for."""
+    if not message.HasField("error"):
+        rs.check_model(asked, message.metadata.model)
+    return parse_pll(message)
 
 
 async def _aiter(items: list) -> AsyncIterator:

@@ -85,6 +85,10 @@ class ResponseMetadata:
     batch_size: int = 0  # sequences in that forward
     batch_tokens: int = 0  # tokens in that forward
     forwards: int = 0  # forwards this response needed
+    model: str = ""  # the model that served it ("" from servers that predate the field)
+    weights_sha256: str = ""  # hash of that model's weights
+    dtype: str = ""  # its compute dtype
+    server_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,26 @@ class BatchingLimits:
     max_wait_ms: float
     max_queue: int
     packed: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model a server serves (``ServerInfo.models``)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    is_default: bool
+    d_model: int
+    n_heads: int
+    n_layers: int
+    max_length: int  # tokens per protein, BOS and EOS included
+    dtype: str
+    devices: tuple[str, ...]  # one per device worker
+    batching: BatchingLimits
+    weights_sha256: str
+    weights_bytes: int  # parameter bytes per model copy
+    activation_bytes: int  # worst-case activation bytes of one forward at the token budget
+    trained_context: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +135,7 @@ class ServerInfo:
     server_version: str
     logits_width: int
     trained_context: int = 0  # tokens the model was trained on, BOS/EOS included (0: unknown)
+    models: tuple[ModelInfo, ...] = ()  # every served model, the default first (() if older)
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity

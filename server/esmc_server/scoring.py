@@ -6,7 +6,7 @@ answers ``INVALID_ARGUMENT`` naming it, and so does a plan over the forwards lim
 batcher's token-budget forwards with Logits, Embed and generation steps
 (:mod:`esmc_server.score_run`).
 
-:class:`ScoringMethods` is mixed into the servicer (it uses the servicer's ``_ready``,
+:class:`ScoringMethods` is mixed into the servicer (it uses the servicer's ``_serving``,
 ``_unary``, ``_keyed_stream``, ``_build``, ``_max_tokens`` and ``_config``).
 """
 
@@ -128,12 +128,12 @@ def pll_response(
 
 
 class ScoringMethods:
-    """The scoring RPCs of ``ESMCServicer`` (a mixin over its plumbing: ``_ready``,
+    """The scoring RPCs of ``ESMCServicer`` (a mixin over its plumbing: ``_serving``,
     ``_unary``, ``_keyed_stream``, ``_build``, ``_caller``, ``_max_tokens``, ``_config``)."""
 
     async def ScoreVariants(self, request: pb.ScoreVariantsRequest, context):
         async def handler():
-            ready = self._ready
+            ready = self._serving(request.model)
             plan = await off_loop_if_large(
                 len(request.variants) + len(request.wild_type.sequence),
                 score_plan, request, self._max_tokens, self._config.max_score_forwards,
@@ -141,7 +141,9 @@ class ScoringMethods:
             call = score_call(plan, caller=self._caller(context),
                               deadline=convert.deadline_of(context))
             result, timing = await ready.engine.score(call)
-            return score_response(plan, result, timing)
+            response = score_response(plan, result, timing)
+            response.metadata.MergeFrom(ready.stamp(request.model))
+            return response
 
         return await self._unary("ScoreVariants", context, handler)
 
@@ -153,14 +155,16 @@ class ScoringMethods:
         return await self._unary("PseudoLogLikelihood", context, handler)
 
     async def _pll_one(self, request, deadline, caller: Caller) -> pb.PseudoLogLikelihoodResponse:
-        ready = self._ready
+        ready = self._serving(request.model)
         plan = await off_loop_if_large(
             len(request.protein.sequence),
             pll_plan, request, self._max_tokens, self._config.max_score_forwards,
         )
         call = score_call(plan, caller=caller, deadline=deadline, id=request.id)
         result, timing = await ready.engine.score(call)
-        return pll_response(request.id, plan, result, timing)
+        response = pll_response(request.id, plan, result, timing)
+        response.metadata.MergeFrom(ready.stamp(request.model))
+        return response
 
     async def PseudoLogLikelihoodStream(self, request_iterator, context) -> None:
         """A keyed stream (the servicer's, as Embed): one response per request, in completion

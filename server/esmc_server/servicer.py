@@ -35,6 +35,7 @@ from esmc_server.engine import Engine
 from esmc_server.errors import Cancelled, InvalidRequest, Unavailable
 from esmc_server.info import ServerInfo, describe, server_version
 from esmc_server.metrics import Metrics
+from esmc_server.models import ModelTable, ServedModel, served_model
 from esmc_server.budget import Leased, ResponseBudget, StreamIds
 from esmc_server.outcome import PUSHBACK_KEY, Outcome, abort
 from esmc_server.readers import RequestLimits, read_embed, read_generate, read_logits, read_sample
@@ -62,6 +63,20 @@ class Attached:
     model: ESMC
     limits: RequestLimits
     info: pb.InfoResponse
+    identity: ServedModel
+
+    def stamp(self, asked: str) -> pb.ResponseMetadata:
+        """The metadata fields that say what served a request that named ``asked``."""
+        identity = self.identity
+        return pb.ResponseMetadata(
+            model=asked or identity.name, weights_sha256=identity.weights_sha256,
+            dtype=identity.dtype, server_version=identity.server_version,
+        )
+
+    def metadata(self, timing: Timing, asked: str) -> pb.ResponseMetadata:
+        metadata = convert.metadata_to_proto(timing)
+        metadata.MergeFrom(self.stamp(asked))
+        return metadata
 
 
 class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
@@ -71,6 +86,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         self._config = config
         self.metrics = metrics or Metrics()
         self._served: Attached | None = None
+        self._table: ModelTable | None = None
         self._pool = ThreadPoolExecutor(RESPONSE_THREADS, thread_name_prefix="esmc-respond")
         # one memory budget for the whole server (esmc_server.budget)
         self.budget = ResponseBudget(
@@ -87,7 +103,11 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
                                config.max_message_bytes)
         info = describe(config.model, model, config.max_tokens, config.batching,
                         config.max_message_bytes)
-        self._served = Attached(engine, model, limits, info_response(info))
+        identity = served_model(config.model, model, info.dtype, info.server_version)
+        self._table = ModelTable([identity])
+        response = info_response(info)
+        response.models.append(model_info(info, identity))
+        self._served = Attached(engine, model, limits, response, identity)
 
     def detach(self) -> None:
         self._served = None
@@ -108,6 +128,13 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         if self._served is None:
             raise Unavailable("the server is not ready: the model is loading or shutting down")
         return self._served
+
+    def _serving(self, asked: str) -> Attached:
+        """The model a request's ``model`` field names ("" the default); ``NOT_FOUND`` naming
+        the served models for any other name, ``UNAVAILABLE`` before the model serves."""
+        served = self._ready
+        self._table.index(asked)
+        return served
 
     @property
     def _max_tokens(self) -> int:
@@ -203,10 +230,10 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
     # -- model description ------------------------------------------------------------------
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
-        return await self._unary("Info", context, self._info)
+        async def handler():
+            return self._serving(request.model).info
 
-    async def _info(self) -> pb.InfoResponse:
-        return self._ready.info
+        return await self._unary("Info", context, handler)
 
     # -- tokenizer ------------------------------------------------------------------------------
 
@@ -228,14 +255,14 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
 
     async def Logits(self, request: pb.LogitsRequest, context) -> pb.LogitsResponse:
         async def handler():
-            served = self._ready
+            served = self._serving(request.model)
             call = read_logits(request, served.limits, self._caller(context),
                                convert.deadline_of(context))
             lease = await self.budget.reserve(call.cost.response_bytes)  # back once sent
             try:
                 result = await served.engine.logits(call)
                 tracing.engine_done(result.timing)
-                metadata = convert.metadata_to_proto(result.timing)
+                metadata = served.metadata(result.timing, request.model)
                 return await self._build(
                     convert.logits_response_serialized, result.output, call.layers,
                     wire_dtype(call.dtype), metadata,
@@ -247,14 +274,14 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
 
     async def ForwardAndSample(self, request: pb.ForwardAndSampleRequest, context):
         async def handler():
-            served = self._ready
+            served = self._serving(request.model)
             call = read_sample(request, served.limits, self._caller(context),
                                convert.deadline_of(context))
             lease = await self.budget.reserve(call.cost.response_bytes)  # back once sent
             try:
                 output, timing = await served.engine.forward_and_sample(call)
                 tracing.engine_done(timing)
-                metadata = convert.metadata_to_proto(timing)
+                metadata = served.metadata(timing, request.model)
                 return await self._build(
                     convert.forward_and_sample_response, output, wire_dtype(call.dtype),
                     metadata,
@@ -276,13 +303,13 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
         caller = self._caller(context)
 
         async def one(request: pb.EmbedRequest, deadline: float | None) -> Leased:
-            served = self._ready
+            served = self._serving(request.model)
             call = read_embed(request, served.limits, caller, deadline)
             lease = await self.budget.reserve(call.cost.response_bytes)  # back once written
             try:
                 result = await served.engine.logits(call)
                 tracing.engine_done(result.timing, request.id)
-                metadata = convert.metadata_to_proto(result.timing)
+                metadata = served.metadata(result.timing, request.model)
                 data = await self._build(
                     convert.embed_response_serialized, request.id, result.output, call.config,
                     wire_dtype(call.dtype), metadata,
@@ -318,7 +345,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             outcome.record(context)
 
     async def _generate(self, request: pb.GenerateRequest, context) -> None:
-        served = self._ready
+        served = self._serving(request.model)
         call = read_generate(request, served.limits, self._caller(context),
                              convert.deadline_of(context))
         events = served.engine.generate(call)
@@ -330,7 +357,7 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
                 if last_sent is None or event.step.step != last_sent.step:
                     timings.append(event.timing)
                     tracing.engine_done(event.timing)
-                    metadata = convert.metadata_to_proto(event.timing)
+                    metadata = served.metadata(event.timing, request.model)
                     response = await self._leased(
                         step_bytes, convert.generation_step_response, event.step, metadata
                     )
@@ -340,12 +367,31 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
                     total = combine_timings(timings, concurrent=False)
                     final = await self._leased(
                         step_bytes, convert.generation_final_response, event.step,
-                        convert.metadata_to_proto(total),
+                        served.metadata(total, request.model),
                     )
                     await self.write(context, final)
                     return
         finally:
             await events.aclose()
+
+
+def model_info(info: ServerInfo, identity: ServedModel) -> pb.ModelInfo:
+    """One served model as Info lists it."""
+    batching = info.batching
+    return pb.ModelInfo(
+        name=identity.name, aliases=list(identity.aliases), is_default=True,
+        d_model=info.d_model, n_heads=info.n_heads, n_layers=info.n_layers,
+        max_length=info.max_length, dtype=info.dtype, devices=[info.device],
+        batching=pb.BatchingLimits(
+            max_batch_tokens=batching.max_batch_tokens,
+            max_batch_size=batching.max_batch_size,
+            max_wait_ms=batching.max_wait_ms,
+            max_queue=batching.max_queue,
+            packed=batching.packed,
+        ),
+        weights_sha256=identity.weights_sha256, weights_bytes=identity.weights_bytes,
+        trained_context=info.trained_context,
+    )
 
 
 def info_response(info: ServerInfo) -> pb.InfoResponse:

@@ -86,18 +86,26 @@ class ESMProteinTensor(_message.Message):
     def __init__(self, sequence: _Optional[_Iterable[int]] = ..., structure: _Optional[_Iterable[int]] = ..., secondary_structure: _Optional[_Iterable[int]] = ..., sasa: _Optional[_Iterable[int]] = ..., function: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ResponseMetadata(_message.Message):
-    __slots__ = ("queue_ms", "compute_ms", "batch_size", "batch_tokens", "forwards")
+    __slots__ = ("queue_ms", "compute_ms", "batch_size", "batch_tokens", "forwards", "model", "weights_sha256", "dtype", "server_version")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     compute_ms: float
     batch_size: int
     batch_tokens: int
     forwards: int
-    def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., forwards: _Optional[int] = ...) -> None: ...
+    model: str
+    weights_sha256: str
+    dtype: str
+    server_version: str
+    def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., forwards: _Optional[int] = ..., model: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., dtype: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -108,8 +116,10 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class BatchingLimits(_message.Message):
     __slots__ = ("max_batch_tokens", "max_batch_size", "max_wait_ms", "max_queue", "packed")
@@ -126,7 +136,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "d_model", "n_heads", "n_layers", "vocabulary", "max_length", "dtype", "device", "batching", "max_message_bytes", "server_version", "logits_width", "trained_context")
+    __slots__ = ("model_name", "d_model", "n_heads", "n_layers", "vocabulary", "max_length", "dtype", "device", "batching", "max_message_bytes", "server_version", "logits_width", "trained_context", "models")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
     N_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +150,7 @@ class InfoResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOGITS_WIDTH_FIELD_NUMBER: _ClassVar[int]
     TRAINED_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     d_model: int
     n_heads: int
@@ -153,7 +164,40 @@ class InfoResponse(_message.Message):
     server_version: str
     logits_width: int
     trained_context: int
-    def __init__(self, model_name: _Optional[str] = ..., d_model: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_layers: _Optional[int] = ..., vocabulary: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., logits_width: _Optional[int] = ..., trained_context: _Optional[int] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, model_name: _Optional[str] = ..., d_model: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_layers: _Optional[int] = ..., vocabulary: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., logits_width: _Optional[int] = ..., trained_context: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "aliases", "is_default", "d_model", "n_heads", "n_layers", "max_length", "dtype", "devices", "batching", "weights_sha256", "weights_bytes", "activation_bytes", "trained_context")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    D_MODEL_FIELD_NUMBER: _ClassVar[int]
+    N_HEADS_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    is_default: bool
+    d_model: int
+    n_heads: int
+    n_layers: int
+    max_length: int
+    dtype: str
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    batching: BatchingLimits
+    weights_sha256: str
+    weights_bytes: int
+    activation_bytes: int
+    trained_context: int
+    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., is_default: _Optional[bool] = ..., d_model: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_layers: _Optional[int] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., weights_sha256: _Optional[str] = ..., weights_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., trained_context: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("protein",)
@@ -220,16 +264,18 @@ class ForwardTrackData(_message.Message):
     def __init__(self, sequence: _Optional[_Union[Tensor, _Mapping]] = ..., structure: _Optional[_Union[Tensor, _Mapping]] = ..., secondary_structure: _Optional[_Union[Tensor, _Mapping]] = ..., sasa: _Optional[_Union[Tensor, _Mapping]] = ..., function: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LogitsRequest(_message.Message):
-    __slots__ = ("protein", "tokens", "config", "output_dtype")
+    __slots__ = ("protein", "tokens", "config", "output_dtype", "model")
     PROTEIN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     protein: ESMProtein
     tokens: ESMProteinTensor
     config: LogitsConfig
     output_dtype: DType
-    def __init__(self, protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., tokens: _Optional[_Union[ESMProteinTensor, _Mapping]] = ..., config: _Optional[_Union[LogitsConfig, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., tokens: _Optional[_Union[ESMProteinTensor, _Mapping]] = ..., config: _Optional[_Union[LogitsConfig, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class LogitsResponse(_message.Message):
     __slots__ = ("logits", "embeddings", "hidden_states", "mean_embedding", "mean_hidden_states", "hidden_layers", "metadata")
@@ -250,20 +296,22 @@ class LogitsResponse(_message.Message):
     def __init__(self, logits: _Optional[_Union[ForwardTrackData, _Mapping]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., mean_embedding: _Optional[_Union[Tensor, _Mapping]] = ..., mean_hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., hidden_layers: _Optional[_Iterable[int]] = ..., metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("id", "protein", "tokens", "layer", "pooling", "output_dtype")
+    __slots__ = ("id", "protein", "tokens", "layer", "pooling", "output_dtype", "model")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROTEIN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     protein: ESMProtein
     tokens: ESMProteinTensor
     layer: int
     pooling: Pooling
     output_dtype: DType
-    def __init__(self, id: _Optional[str] = ..., protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., tokens: _Optional[_Union[ESMProteinTensor, _Mapping]] = ..., layer: _Optional[int] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, id: _Optional[str] = ..., protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., tokens: _Optional[_Union[ESMProteinTensor, _Mapping]] = ..., layer: _Optional[int] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("id", "embedding", "error", "metadata")
@@ -310,18 +358,20 @@ class SamplingConfig(_message.Message):
     def __init__(self, sequence: _Optional[_Union[SamplingTrackConfig, _Mapping]] = ..., structure: _Optional[_Union[SamplingTrackConfig, _Mapping]] = ..., secondary_structure: _Optional[_Union[SamplingTrackConfig, _Mapping]] = ..., sasa: _Optional[_Union[SamplingTrackConfig, _Mapping]] = ..., function: _Optional[_Union[SamplingTrackConfig, _Mapping]] = ..., return_per_residue_embeddings: _Optional[bool] = ..., return_mean_embedding: _Optional[bool] = ...) -> None: ...
 
 class ForwardAndSampleRequest(_message.Message):
-    __slots__ = ("protein", "tokens", "sampling_config", "seed", "output_dtype")
+    __slots__ = ("protein", "tokens", "sampling_config", "seed", "output_dtype", "model")
     PROTEIN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_CONFIG_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     protein: ESMProtein
     tokens: ESMProteinTensor
     sampling_config: SamplingConfig
     seed: int
     output_dtype: DType
-    def __init__(self, protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., tokens: _Optional[_Union[ESMProteinTensor, _Mapping]] = ..., sampling_config: _Optional[_Union[SamplingConfig, _Mapping]] = ..., seed: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., tokens: _Optional[_Union[ESMProteinTensor, _Mapping]] = ..., sampling_config: _Optional[_Union[SamplingConfig, _Mapping]] = ..., seed: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ForwardAndSampleResponse(_message.Message):
     __slots__ = ("protein_tensor", "protein", "entropy", "prob", "logprob", "top_prob", "topk_logprob", "topk_tokens", "per_residue_embedding", "mean_embedding", "metadata")
@@ -370,16 +420,18 @@ class GenerationConfig(_message.Message):
     def __init__(self, track: _Optional[str] = ..., invalid_ids: _Optional[_Iterable[int]] = ..., schedule: _Optional[str] = ..., strategy: _Optional[str] = ..., num_steps: _Optional[int] = ..., temperature: _Optional[float] = ..., temperature_annealing: _Optional[bool] = ..., top_p: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("protein", "tokens", "config", "seed")
+    __slots__ = ("protein", "tokens", "config", "seed", "model")
     PROTEIN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     protein: ESMProtein
     tokens: ESMProteinTensor
     config: GenerationConfig
     seed: int
-    def __init__(self, protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., tokens: _Optional[_Union[ESMProteinTensor, _Mapping]] = ..., config: _Optional[_Union[GenerationConfig, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., tokens: _Optional[_Union[ESMProteinTensor, _Mapping]] = ..., config: _Optional[_Union[GenerationConfig, _Mapping]] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("step", "num_steps", "positions", "tokens", "probabilities", "entropies", "temperature", "sequence", "final", "protein", "protein_tensor", "metadata")
@@ -410,7 +462,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., num_steps: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., probabilities: _Optional[_Iterable[float]] = ..., entropies: _Optional[_Iterable[float]] = ..., temperature: _Optional[float] = ..., sequence: _Optional[str] = ..., final: _Optional[bool] = ..., protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., protein_tensor: _Optional[_Union[ESMProteinTensor, _Mapping]] = ..., metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ...) -> None: ...
 
 class ScoreVariantsRequest(_message.Message):
-    __slots__ = ("wild_type", "variants", "method", "offset", "joint_masking", "normalization", "include_saturation_map")
+    __slots__ = ("wild_type", "variants", "method", "offset", "joint_masking", "normalization", "include_saturation_map", "model")
     WILD_TYPE_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -418,6 +470,7 @@ class ScoreVariantsRequest(_message.Message):
     JOINT_MASKING_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_SATURATION_MAP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     wild_type: ESMProtein
     variants: _containers.RepeatedScalarFieldContainer[str]
     method: ScoringMethod
@@ -425,7 +478,8 @@ class ScoreVariantsRequest(_message.Message):
     joint_masking: bool
     normalization: Normalization
     include_saturation_map: bool
-    def __init__(self, wild_type: _Optional[_Union[ESMProtein, _Mapping]] = ..., variants: _Optional[_Iterable[str]] = ..., method: _Optional[_Union[ScoringMethod, str]] = ..., offset: _Optional[int] = ..., joint_masking: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., include_saturation_map: _Optional[bool] = ...) -> None: ...
+    model: str
+    def __init__(self, wild_type: _Optional[_Union[ESMProtein, _Mapping]] = ..., variants: _Optional[_Iterable[str]] = ..., method: _Optional[_Union[ScoringMethod, str]] = ..., offset: _Optional[int] = ..., joint_masking: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., include_saturation_map: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ScoreVariantsResponse(_message.Message):
     __slots__ = ("scores", "saturation_map", "saturation_columns", "masked_copies", "metadata")
@@ -442,14 +496,16 @@ class ScoreVariantsResponse(_message.Message):
     def __init__(self, scores: _Optional[_Union[Tensor, _Mapping]] = ..., saturation_map: _Optional[_Union[Tensor, _Mapping]] = ..., saturation_columns: _Optional[str] = ..., masked_copies: _Optional[int] = ..., metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ...) -> None: ...
 
 class PseudoLogLikelihoodRequest(_message.Message):
-    __slots__ = ("id", "protein", "normalization")
+    __slots__ = ("id", "protein", "normalization", "model")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROTEIN_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     protein: ESMProtein
     normalization: Normalization
-    def __init__(self, id: _Optional[str] = ..., protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., normalization: _Optional[_Union[Normalization, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, id: _Optional[str] = ..., protein: _Optional[_Union[ESMProtein, _Mapping]] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class PseudoLogLikelihoodResponse(_message.Message):
     __slots__ = ("id", "pseudo_log_likelihood", "pseudo_perplexity", "log_probs", "masked_copies", "error", "metadata")
