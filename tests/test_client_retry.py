@@ -11,6 +11,8 @@ attempt; anything else gets the embedding ``[len(sequence), attempt]``.
 import asyncio
 import collections
 import contextlib
+import gc
+import logging
 import threading
 import time
 
@@ -292,3 +294,32 @@ def test_aio_write_failure_is_a_transport_failure():
     assert "the connection failed while sending" in local.message
     sent = rpc_error(aio_error(grpc.StatusCode.INTERNAL, "handling this call (log reference 1)"))
     assert sent.code == "INTERNAL" and not retryable(sent.code, sent.message)
+
+
+def test_async_embed_leaves_no_task_pending_when_a_stream_breaks(scripted, caplog):
+    """A stream the server ends while requests wait for the window: the request writer
+    finishes with the stream (no pending task, nothing logged by asyncio, even after the
+    garbage collector ran)."""
+    servicer, port = scripted
+    sequences = ["MK", "DROP", "LV", "MKV", "MKVL", "MKVLA"]
+    noticed = []  # what asyncio would log: "Task was destroyed but it is pending!"...
+
+    async def run():
+        asyncio.get_running_loop().set_exception_handler(lambda _, found: noticed.append(found))
+        async with AsyncESMCClient(f"127.0.0.1:{port}", retry=FAST) as client:
+            results = await client.embed(sequences, batch_size=6, max_in_flight=1)
+            for _ in range(3):
+                gc.collect()
+                await asyncio.sleep(0.05)
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        gc.collect()
+        await asyncio.sleep(0.05)
+        return results, left
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        results, left = asyncio.run(run())
+        gc.collect()
+    assert all(r.ok for r in results) and servicer.attempts["DROP"] == 2
+    assert not left, [t.get_coro() for t in left]
+    assert not noticed, noticed
+    assert not [r.getMessage() for r in caplog.records if r.name == "asyncio"]

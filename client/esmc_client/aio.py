@@ -4,6 +4,7 @@ methods as the blocking :class:`~esmc_client.client.ESMCClient` (see there)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -226,9 +227,11 @@ class AsyncESMCClient(AsyncScoringCalls, ClientBase):
         while requests := chunk.to_send():
             error = None
             try:
-                async for message in self._embed_stream(requests, chunk.window, timeout):
-                    if (done := chunk.on_response(message)) is not None:
-                        record([done])
+                stream = self._embed_stream(requests, chunk.window, timeout)
+                async with contextlib.aclosing(stream):
+                    async for message in stream:
+                        if (done := chunk.on_response(message)) is not None:
+                            record([done])
             except grpc.aio.AioRpcError as rpc:
                 error = rs.rpc_error(rpc)
                 if (definitive := await self._transport_error_async(error)) is not None:
@@ -248,21 +251,38 @@ class AsyncESMCClient(AsyncScoringCalls, ClientBase):
         except asyncio.TimeoutError:
             pass
 
-    async def _embed_stream(
+    def _embed_stream(
         self, requests, max_in_flight: int, timeout
     ) -> AsyncIterator[pb.EmbedResponse]:
-        window = asyncio.Semaphore(max(1, max_in_flight))
+        """One Embed stream, at most ``max_in_flight`` requests ahead of their responses."""
+        return self._bidi_stream(self._stub.Embed, requests, max_in_flight, timeout)
 
-        async def send():
-            for request in requests:
-                await window.acquire()
-                yield request
+    async def _bidi_stream(self, method, requests, window: int | None, timeout) -> AsyncIterator:
+        """Responses of one bidirectional stream of ``requests``, at most ``window`` of them
+        (None: all) ahead of their responses.
 
-        call = self._stub.Embed(send(), **self._kwargs(timeout))
+        This generator writes the requests from a task of its own, which it cancels and
+        awaits when the stream ends in any way: handing grpc.aio an async generator instead
+        leaves grpc.aio's consumer task waiting on the window of a stream the server already
+        ended, destroyed pending with its generator when collected.
+        """
+        call = method(**self._kwargs(timeout))
+        free = asyncio.Semaphore(max(1, window or len(requests)))
+
+        async def write() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                for request in requests:
+                    await free.acquire()
+                    await call.write(request)
+                await call.done_writing()
+            # else the call ended: its status comes from reading it
+
+        writer = asyncio.create_task(write())
         try:
             async for message in call:
-                window.release()
+                free.release()
                 yield message
         finally:
             call.cancel()
-
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
