@@ -15,6 +15,7 @@ again over a new stream for the sequences still without a final answer:
   final result: it is never sent again.
 
 Requests carry the sequence's position as their wire id, so duplicate caller ids are fine.
+Pseudo-log-likelihood streams follow the same rules (:class:`esmc_client.scoring.PllChunk`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class EmbedChunk:
             return None
         if not message.HasField("error"):
             check_model(entry.request.model, message.metadata.model)
-        result = parse_embed(message, entry.id, entry.attempts)
+        result = self._parse(message, entry)
         if result.error is None or result.error.code != "UNAVAILABLE":
             self._outage_since = None  # the server answers: progress
             self._outage_rounds = 0
@@ -95,7 +96,7 @@ class EmbedChunk:
             if self._resend(entry, error):
                 continue
             del self._waiting[key]
-            results.append((entry.index, _failed(entry, error)))
+            results.append((entry.index, self._failed(entry, error)))
         self._sent = {}
         if self._busy:
             self.window = max(1, self.window // 2)
@@ -124,6 +125,14 @@ class EmbedChunk:
             return self._retry.ride_out_s
         return max(0.0, self._retry.ride_out_s - (time.monotonic() - self._outage_since))
 
+    def _parse(self, message, entry: _Entry):
+        """The result a response gives (anything with an ``error``)."""
+        return parse_embed(message, entry.id, entry.attempts)
+
+    def _failed(self, entry: _Entry, error: ESMCError):
+        """The final result of a sequence that failed with ``error``."""
+        return EmbedResult(entry.id, None, error, ResponseMetadata(), entry.attempts)
+
     def _resend(self, entry: _Entry, error: ESMCError) -> bool:
         """Whether ``entry`` goes out again after ``error`` (False: the error is final)."""
         if not retryable(error.code, error.message):
@@ -138,10 +147,6 @@ class EmbedChunk:
         entry.busy_retries += 1
         self._busy = True
         return True
-
-
-def _failed(entry: _Entry, error: ESMCError) -> EmbedResult:
-    return EmbedResult(entry.id, None, error, ResponseMetadata(), entry.attempts)
 
 
 def make_chunks(

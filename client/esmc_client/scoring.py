@@ -11,11 +11,20 @@
 Methods: ``"masked-marginals"`` (default), ``"wt-marginals"``, ``"pseudo-likelihood"``;
 normalizations: ``"full"`` (log_softmax over the 64 logits, default) or ``"amino-acids"``.
 Positions are 1-based; ``offset`` is subtracted from each. See the README for the definitions.
+
+A pseudo-log-likelihood stream of many proteins follows the rules of bulk ``embed``
+(:mod:`esmc_client.bulk`): when the stream breaks with ``UNAVAILABLE`` (a server restarting,
+draining or killed) the proteins still without an answer are sent again on a new stream, for
+as long as the outage lasts less than ``RetryPolicy.ride_out_s``; each protein is answered
+once, and a definitive error (``INVALID_ARGUMENT``...) is never sent again.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,6 +32,7 @@ import grpc
 import numpy as np
 
 from esmc_client import responses as rs
+from esmc_client.bulk import EmbedChunk
 from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_client.tensors import to_numpy
 from esmc_client.types import (
@@ -157,6 +167,21 @@ def _in_input_order(items: list[tuple[str, Any]], results: dict[str, Any]) -> li
     return out
 
 
+class PllChunk(EmbedChunk):
+    """The proteins of one pseudo-log-likelihood stream across its resends (wire id: the
+    position)."""
+
+    def __init__(self, requests: list[pb.PseudoLogLikelihoodRequest], client: Any):
+        entries = [(int(r.id), r.id, r) for r in requests]
+        super().__init__(entries, client.retry, client.retry_budget)
+
+    def _parse(self, message, entry) -> PseudoLogLikelihood:
+        return parse_pll(message)
+
+    def _failed(self, entry, error: ESMCError) -> PseudoLogLikelihood:
+        return PseudoLogLikelihood(entry.id, None, None, None, error)
+
+
 # -- client methods ------------------------------------------------------------------------
 
 
@@ -192,17 +217,32 @@ class ScoringCalls:
             request = pll_request("", proteins, normalization)
             return parse_pll(self._unary(self._stub.PseudoLogLikelihood, request, timeout))
         requests = [pll_request(str(i), p, normalization) for i, (_, p) in enumerate(items)]
-        asked = _ask_all(self, requests)
-        return _in_input_order(items, self._pll_stream(iter(requests), timeout, asked))
+        _ask_all(self, requests)  # answers naming another model: EmbedChunk.on_response refuses
+        chunk = PllChunk(requests, self)
+        results: dict[str, PseudoLogLikelihood] = {}
+        while requests := chunk.to_send():
+            error = None
+            try:
+                for message in self._pll_stream(requests, timeout):
+                    if (done := chunk.on_response(message)) is not None:
+                        results[str(done[0])] = done[1]
+            except grpc.RpcError as rpc:
+                error = rs.rpc_error(rpc)
+                if (definitive := self._transport_error(error)) is not None:
+                    raise definitive from rpc
+            results.update((str(i), result) for i, result in chunk.on_stream_end(error))
+            if (wait := chunk.next_wait()) is None:
+                break
+            delay, until_ready = wait
+            time.sleep(delay)
+            if until_ready:
+                self._wait_ready(chunk.ride_out_left())
+        return _in_input_order(items, results)
 
-    def _pll_stream(self, requests: Iterator, timeout,
-                    asked: str = "") -> dict[str, PseudoLogLikelihood]:
-        call = self._stub.PseudoLogLikelihoodStream(requests, **self._kwargs(timeout))
+    def _pll_stream(self, requests: list, timeout) -> Iterator[pb.PseudoLogLikelihoodResponse]:
+        call = self._stub.PseudoLogLikelihoodStream(iter(requests), **self._kwargs(timeout))
         try:
-            return {m.id: _checked_pll(asked, m) for m in call}
-        except grpc.RpcError as rpc:
-            error = rs.rpc_error(rpc)
-            raise self._transport_error(error) or error from rpc
+            yield from call
         finally:
             call.cancel()
 
@@ -235,15 +275,29 @@ class AsyncScoringCalls:
             request = pll_request("", proteins, normalization)
             return parse_pll(await self._unary(self._stub.PseudoLogLikelihood, request, timeout))
         requests = [pll_request(str(i), p, normalization) for i, (_, p) in enumerate(items)]
-        asked = _ask_all(self, requests)
-        call = self._stub.PseudoLogLikelihoodStream(_aiter(requests), **self._kwargs(timeout))
-        try:
-            results = {m.id: _checked_pll(asked, m) async for m in call}
-        except grpc.RpcError as rpc:
-            error = rs.rpc_error(rpc)
-            raise await self._transport_error_async(error) or error from rpc
-        finally:
-            call.cancel()
+        _ask_all(self, requests)  # answers naming another model: EmbedChunk.on_response refuses
+        chunk = PllChunk(requests, self)
+        results: dict[str, PseudoLogLikelihood] = {}
+        while requests := chunk.to_send():
+            error = None
+            try:
+                stream = self._bidi_stream(self._stub.PseudoLogLikelihoodStream, requests,
+                                           None, timeout)
+                async with contextlib.aclosing(stream):
+                    async for message in stream:
+                        if (done := chunk.on_response(message)) is not None:
+                            results[str(done[0])] = done[1]
+            except grpc.RpcError as rpc:
+                error = rs.rpc_error(rpc)
+                if (definitive := await self._transport_error_async(error)) is not None:
+                    raise definitive from rpc
+            results.update((str(i), result) for i, result in chunk.on_stream_end(error))
+            if (wait := chunk.next_wait()) is None:
+                break
+            delay, until_ready = wait
+            await asyncio.sleep(delay)
+            if until_ready:
+                await self._wait_ready(chunk.ride_out_left())
         return _in_input_order(items, results)
 
 
@@ -253,16 +307,3 @@ def _ask_all(client, requests: list) -> str:
     for request in requests:
         asked = client._ask(request, None)
     return asked
-
-
-def _checked_pll(asked: str, message: pb.PseudoLogLikelihoodResponse) -> PseudoLogLikelihood:
-    """A stream's answer, refused (:func:`esmc_client.responses.check_model`) when it does not
-    name the model asked for."""
-    if not message.HasField("error"):
-        rs.check_model(asked, message.metadata.model)
-    return parse_pll(message)
-
-
-async def _aiter(items: list) -> AsyncIterator:
-    for item in items:
-        yield item
