@@ -18,9 +18,10 @@ Three things bound the retries:
   ``budget_burst + budget_ratio * calls`` retries: under overload it sends about 1.2x its calls
   (default ratio 0.2), not the 5x that five attempts per call would give.
 
-Bulk ``embed`` also rides out a server that is unreachable (restarting) for up to
-``ride_out_s`` seconds (default 30): it waits for the channel to reconnect and resends the
-sequences that have no answer yet; those waits are bounded by time, not by the budget.
+Bulk ``embed`` and the pseudo-log-likelihood stream also ride out a server that is
+unreachable (restarting) for up to ``ride_out_s`` seconds (default 30): they wait for the
+channel to reconnect and resend the sequences that have no answer yet; those waits are bounded
+by time, not by the budget.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ _NEVER_FITS = ("larger than max",)  # gRPC's "Sent/Received message larger than 
 class RetryPolicy:
     """Backoff, retry budget and restart ride-out of one client (see the module docstring).
 
-    ``RetryPolicy(max_retries=0)`` turns retries off (bulk ``embed`` still rides out a
-    restart unless ``ride_out_s=0``).
+    ``RetryPolicy(max_retries=0)`` turns retries off (bulk ``embed`` and the PLL stream still
+    ride out a restart unless ``ride_out_s=0``).
     """
 
     max_retries: int = 4
