@@ -10,7 +10,7 @@ while a caller labelled ``attacker`` runs:
 
 - ``idle``: nothing;
 - ``1 generation``: one Generate of an all-masked ``--gen-residues``-residue protein (one
-  position per step), read normally;
+  position per step), read normally, started again whenever it finishes;
 - ``40 generations``: forty of them at once;
 - ``16k Logits``: Logits of a ``--long-residues``-residue protein, one after the other.
 
@@ -58,20 +58,27 @@ async def attacker(stub, scenario: str, args, stop: asyncio.Event) -> None:
         protein=pb.ESMProtein(sequence="_" * args.gen_residues),
         config=pb.GenerationConfig(num_steps=args.gen_residues),
     )
-    calls = [stub.Generate(request, metadata=ATTACKER, timeout=3600) for _ in range(count)]
 
-    async def read(call) -> None:
-        try:
-            async for _ in call:
-                pass
-        except grpc.aio.AioRpcError:
+    async def generate_until_stopped() -> None:  # one generation after the other
+        while not stop.is_set():
+            call = stub.Generate(request, metadata=ATTACKER, timeout=3600)
+            waiter = asyncio.create_task(stop.wait())
+            reader = asyncio.create_task(_drain(call))
+            await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if not reader.done():
+                call.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    await asyncio.gather(*(generate_until_stopped() for _ in range(count)))
+
+
+async def _drain(call) -> None:
+    try:
+        async for _ in call:
             pass
-
-    readers = [asyncio.create_task(read(c)) for c in calls]
-    await stop.wait()
-    for call in calls:
-        call.cancel()
-    await asyncio.gather(*readers)
+    except (grpc.aio.AioRpcError, asyncio.CancelledError):
+        pass
 
 
 async def scenario_row(stub, server, scenario: str, args) -> list[str]:
@@ -109,6 +116,7 @@ async def main_async(args) -> list[str]:
     config = ServerConfig(
         model=args.model, device="cpu", port=0, metrics_port=None, warmup=True,
         threads=args.threads, batching=batching, forward_timeout_s=None,
+        max_connection_age_s=None,  # one channel for the whole run
     )
     server, port = await create_server(config)
     rows = []
