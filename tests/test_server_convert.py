@@ -269,7 +269,7 @@ def test_config_env_then_overrides():
         ({"ESMC_PACKED": "maybe"}, {}, "not a boolean"),
         ({}, {"max_batch_size": 0}, "max_batch_size must be >= 1"),
         ({}, {"device": "tpu"}, "device 'tpu'"),
-        ({}, {"dtype": "int8"}, "dtype 'int8'"),
+        ({}, {"dtype": "int4"}, "dtype 'int4'"),
         ({}, {"colour": "red"}, "unknown settings"),
     ],
 )
