@@ -26,6 +26,7 @@ from esmc.quantize import (
 from esmc.runtime import resolve_dtype
 from esmc.types import LogitsConfig
 from esmc.weights import save_safetensors
+from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_server.app import load_model
 from esmc_server.config import ServerConfig
 from helpers.models import encode_all, random_sequences, rel_err
@@ -173,6 +174,8 @@ async def test_server_serves_int8_as_the_library_computes_it(int8_model):
     sequence = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
     async with running_server(int8_model, server_config()) as srv:
         reply = await srv.stub.Logits(protein_request(sequence, sequence=True), timeout=60)
+        info = await srv.stub.Info(pb.InfoRequest(), timeout=60)
+    assert info.dtype == "int8"  # what the server computes in, not its float32 activations
     expected = run_logits(int8_model, encode_all([sequence]), [OUTPUTS])[0]
     logits = torch.from_numpy(np.array(to_numpy(reply.logits.sequence)))
     assert rel_err(logits, expected.logits.sequence) <= 1e-5

@@ -7,6 +7,7 @@ from importlib import metadata as importlib_metadata
 
 from esmc import tokenizer
 from esmc import ESMC
+from esmc.quantize import is_int8
 from esmc_server.config import BatchingConfig
 
 
@@ -47,7 +48,7 @@ def describe(
         n_layers=shape.n_layers,
         vocabulary=tuple(tokenizer.VOCABULARY),
         max_length=max_tokens,
-        dtype=str(model.dtype).removeprefix("torch."),
+        dtype="int8" if is_int8(model) else str(model.dtype).removeprefix("torch."),
         device=str(model.device),
         batching=batching,
         max_message_bytes=max_message_bytes,

@@ -30,7 +30,7 @@ from esmc_proto.v1 import esmc_pb2 as pb
 from esmc_proto.v1 import esmc_pb2_grpc as pb_grpc
 from esmc_server import convert, tracing
 from esmc_server.calls import ANONYMOUS, CALLER_METADATA, CURRENT_CALLER, Caller, CallerLabels
-from esmc_server.config import ServerConfig
+from esmc_server.config import BatchingConfig, ServerConfig
 from esmc_server.engine import Engine
 from esmc_server.errors import Cancelled, InvalidRequest, Unavailable
 from esmc_server.info import ServerInfo, describe, server_version
@@ -375,27 +375,30 @@ class ESMCServicer(ScoringMethods, pb_grpc.ESMCServicer):
             await events.aclose()
 
 
+def batching_limits(batching: BatchingConfig) -> pb.BatchingLimits:
+    """A server's batching settings as Info reports them."""
+    return pb.BatchingLimits(
+        max_batch_tokens=batching.max_batch_tokens,
+        max_batch_size=batching.max_batch_size,
+        max_wait_ms=batching.max_wait_ms,
+        max_queue=batching.max_queue,
+        packed=batching.packed,
+    )
+
+
 def model_info(info: ServerInfo, identity: ServedModel) -> pb.ModelInfo:
     """One served model as Info lists it."""
-    batching = info.batching
     return pb.ModelInfo(
         name=identity.name, aliases=list(identity.aliases), is_default=True,
         d_model=info.d_model, n_heads=info.n_heads, n_layers=info.n_layers,
         max_length=info.max_length, dtype=info.dtype, devices=[info.device],
-        batching=pb.BatchingLimits(
-            max_batch_tokens=batching.max_batch_tokens,
-            max_batch_size=batching.max_batch_size,
-            max_wait_ms=batching.max_wait_ms,
-            max_queue=batching.max_queue,
-            packed=batching.packed,
-        ),
+        batching=batching_limits(info.batching),
         weights_sha256=identity.weights_sha256, weights_bytes=identity.weights_bytes,
         trained_context=info.trained_context,
     )
 
 
 def info_response(info: ServerInfo) -> pb.InfoResponse:
-    batching = info.batching
     return pb.InfoResponse(
         model_name=info.model_name,
         d_model=info.d_model,
@@ -405,13 +408,7 @@ def info_response(info: ServerInfo) -> pb.InfoResponse:
         max_length=info.max_length,
         dtype=info.dtype,
         device=info.device,
-        batching=pb.BatchingLimits(
-            max_batch_tokens=batching.max_batch_tokens,
-            max_batch_size=batching.max_batch_size,
-            max_wait_ms=batching.max_wait_ms,
-            max_queue=batching.max_queue,
-            packed=batching.packed,
-        ),
+        batching=batching_limits(info.batching),
         max_message_bytes=info.max_message_bytes,
         server_version=info.server_version,
         logits_width=info.logits_width,

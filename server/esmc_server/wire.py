@@ -85,18 +85,6 @@ def torch_dtype(wire: int) -> torch.dtype:
     return WIRE_DTYPES[wire][0]
 
 
-def output_dtype(value: int, field: str = "output_dtype") -> int:
-    """The float wire dtype to answer in; unspecified means float32."""
-    if value == pb.DTYPE_UNSPECIFIED:
-        return pb.DTYPE_FLOAT32
-    if value not in FLOAT_OUTPUTS:
-        name = pb.DType.Name(value) if value in pb.DType.values() else str(value)
-        raise InvalidRequest(
-            f"{field}: {name} is not an output dtype; use float32, float16 or bfloat16"
-        )
-    return value
-
-
 def protein_to_proto(tokens: torch.Tensor | Sequence[int]) -> pb.ESMProtein:
     return pb.ESMProtein(sequence=tokenizer.decode(tokens))
 
