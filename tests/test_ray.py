@@ -32,7 +32,7 @@ from esmc.weights import save_safetensors  # noqa: E402
 from esmc_client.cli import main  # noqa: E402
 from esmc_client.fasta import read_fasta  # noqa: E402
 from esmc_ray import embed_with_servers  # noqa: E402
-from esmc_ray.cli import embed_parser  # noqa: E402
+from esmc_ray.cli import client_options, embed_parser  # noqa: E402
 from helpers.data import proteome_path  # noqa: E402
 from helpers.metrics import requests_served  # noqa: E402
 from helpers.processes import ServeProcess  # noqa: E402
@@ -202,14 +202,17 @@ def test_resume_refuses_another_layer(weights, local_ray, tmp_path):
     assert main(argv) == 2
 
 
-def test_ray_embed_arguments():
+def test_ray_embed_arguments(monkeypatch):
+    monkeypatch.delenv("ESMC_MODEL", raising=False)
     args = embed_parser().parse_args(
         ["a.fasta", "shards/", "-o", "out", "--targets", "h1:1,h2:2",
          "--concurrency", "4", "--layer", "-2", "--pool", "none", "--address", "ray://head:10001"]
     )
     assert (args.inputs, args.output, args.targets) == (["a.fasta", "shards/"], "out", "h1:1,h2:2")
     assert (args.concurrency, args.layer, args.pool, args.address) == (4, -2, "none", "ray://head:10001")
-    assert not args.in_process and args.model == "esmc-tiny"
+    assert not args.in_process and args.model is None  # servers: their default model
+    assert client_options(embed_parser().parse_args(["a.fasta", "-o", "o", "--model", "m"])) == {
+        "model": "m"}
 
 
 def test_ray_score_variants_with_a_bad_variant_and_resume(weights, local_ray, proteome, tmp_path):

@@ -54,18 +54,22 @@ def _main(name: str, parser: argparse.ArgumentParser, argv, run) -> int:
     return run_command(name, args, run)
 
 
+IN_PROCESS_MODEL = "esmc-tiny"
+"""The model ``--in-process`` actors load when ``--model`` names none."""
+
+
 def embed_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="esmc ray-embed", parents=[common_options()],
         description="Embed FASTA/parquet/CSV shards on a Ray cluster into a parquet directory, "
         "through running servers (--targets) or model actors (--in-process). Running the same "
-        "command again resumes: ids already written are skipped.",
+        "command again resumes: ids already written are skipped. --model names the served model "
+        f"to use, or with --in-process the model to load (default {IN_PROCESS_MODEL}).",
     )
     p.add_argument("inputs", nargs="+",
                    help=f"{', '.join(FASTA_SUFFIXES)}, .parquet, .csv files or directories")
     add_job_arguments(p)
     p.add_argument("--in-process", action="store_true", help="model actors, no servers")
-    p.add_argument("--model", default="esmc-tiny", help="with --in-process: the model to load")
     p.add_argument("--device", default="auto", help="with --in-process: auto, cpu, cuda")
     p.add_argument("--dtype", default=None,
                    help="with --in-process: model dtype (default: the server's choice for "
@@ -126,7 +130,7 @@ def cmd_ray_embed(args: argparse.Namespace) -> int:
         if args.max_batch_tokens is not None:
             options["batching"] = BatchingConfig(max_batch_tokens=args.max_batch_tokens)
         return embed_in_process(
-            args.inputs, args.output, args.model, embedder_options=options,
+            args.inputs, args.output, args.model or IN_PROCESS_MODEL, embedder_options=options,
             concurrency=args.concurrency or 1, gpus_per_actor=args.gpus_per_actor, **shared,
         )
 
@@ -216,7 +220,7 @@ def targets_of(args: argparse.Namespace) -> list[str]:
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
     """The client's TLS and token options from the ``--tls*``/``--token`` flags; certificate
     files are read here, so actors on other nodes get their bytes, not a local path."""
-    options: dict[str, Any] = {"token": args.token or None, "tls": args.tls}
+    options: dict[str, Any] = {"token": args.token or None, "tls": args.tls, "model": args.model}
     files = {"root_certificates": args.tls_ca, "client_certificate": args.tls_cert,
              "client_key": args.tls_key}
     for name, path in files.items():
