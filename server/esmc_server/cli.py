@@ -323,12 +323,18 @@ async def serve(config: ServerConfig) -> int:
     Returns the exit status: 0, or 1 after a fatal engine fault (health NOT_SERVING for
     ``fatal_exit_s`` first, so probes see it, then exit for the orchestrator to restart us).
     """
+    loop = asyncio.get_running_loop()
+    # A SIGHUP while the model loads (tokens or certificates changed after they were read)
+    # is kept and applied once the server exists, never lost nor fatal.
+    hangups: list[int] = []
+    loop.add_signal_handler(signal.SIGHUP, hangups.append, 1)
     server, port = await create_server(config)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.security.reload)
+    if hangups:
+        server.security.reload()
     metrics = f", metrics on port {server.metrics_port}" if server.metrics_port is not None else ""
     if server.http is not None:
         metrics += f", Forge-compatible HTTP on port {server.http.port}"
